@@ -1,0 +1,73 @@
+"""Default hyper-parameters: the paper's RefCOCO R101 setup (FCNet sec. 4.1, model.md).
+
+Setups in this folder start from `get_config()` here and change a few fields. Every field can be overridden
+on the command line, e.g. `--config.model.num_emphasis=8`.
+"""
+import ml_collections
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+  """FCNet with the CLIP RN101 backbone at 480×480 (model.md). Every (choice) of model.md is a field."""
+  m = ml_collections.ConfigDict()
+  m.image_size = 480            # S: square letterbox canvas; must be divisible by 32.
+  m.context_length = 17         # L: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.
+  # CLIP image encoder (ModifiedResNet).
+  m.vision_layers = (3, 4, 23, 3)  # RN101; RN50 is (3, 4, 6, 3).
+  m.vision_width = 64
+  m.vision_heads = 32           # Attention-pool heads: vision_width * 32 // 64 in CLIP.
+  m.embed_dim = 512             # CLIP joint embedding: 512 for RN101, 1024 for RN50.
+  # CLIP text encoder.
+  m.vocab_size = 49408
+  m.text_width = 512
+  m.text_layers = 12
+  m.text_heads = 8
+  # FCNet.
+  m.neck_dims = (256, 512, 1024)  # CRIS FPN widths.
+  m.hidden_dim = 512            # C.
+  m.num_emphasis = 16           # N_k (choice).
+  m.attention_heads = 8         # EGM, ECM and decoder heads.
+  m.decoder_layers = 3
+  m.decoder_ffn_dim = 2048
+  m.dropout = 0.1
+  m.use_egm = True              # False: decoder cross-attends to the word features (CRIS-like baseline).
+  m.use_ecm = True              # False: F_c = F_e.
+  m.egm_layernorm = True        # (choice) LayerNorm on the emphasis features F_e.
+  m.calibration_gate = "none"   # (choice) α as plain scalars ("none"), "sigmoid" or "softmax" over N_k.
+  m.freeze_backbone_bn = False  # (choice) True: backbone BatchNorm always uses running statistics.
+  m.dtype = "bfloat16"          # Compute dtype; parameters are always float32.
+  return m
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The full experiment configuration (model, data, optimisation, evaluation, logging)."""
+  config = ml_collections.ConfigDict()
+  config.model = get_model_config()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "refcoco"        # refcoco | refcoco+ | refcocog
+  config.data.split_by = "unc"           # unc | google | umd
+  config.data.tfrecord_dir = ""          # Output of `python -m input_pipeline.convert`.
+  config.data.train_split = "train"
+  config.data.eval_splits = ("val",)
+  config.data.shuffle_buffer = 4096
+  config.data.eval_canvas = 640          # Original-size canvas for evaluation (COCO images are ≤ 640 a side).
+
+  config.seed = 0
+  config.batch_size = 64                 # Global, across all devices and hosts.
+  config.eval_batch_size = 64
+  config.num_epochs = 50
+  config.learning_rate = 1e-4
+  config.lr_decay_epochs = (35,)         # Piecewise constant: × lr_decay_factor at each of these epochs.
+  config.lr_decay_factor = 0.1
+  config.lr_multi = 0.1                  # Image and text encoders train at learning_rate × lr_multi (CRIS).
+  config.weight_decay = 0.0
+  config.grad_clip_norm = 0.0            # 0 disables clipping.
+  config.init_from = ""                  # Orbax checkpoint written by `fcnet_jax.tools.convert_clip`.
+  config.mask_threshold = 0.35           # On sigmoid probabilities (CRIS).
+
+  config.log_every_steps = 50
+  config.eval_every_epochs = 1
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.distributed = False             # Call jax.distributed.initialize() (multi-host).
+  return config

@@ -1,0 +1,1 @@
+"""fcnet_jax: FCNet (Fuse & Calibrate) for referring image segmentation in JAX/Flax."""

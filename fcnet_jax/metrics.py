@@ -1,0 +1,262 @@
+"""Training and evaluation metrics as `clu.metrics` collections (protocol.md "Evaluation").
+
+Every metric is a sum or a count, so `merge` over batches, devices and hosts is exact. Use
+`Collection.single_from_model_output(**outputs)` under `jit` with sharded arrays (the sums reduce over the global
+batch); `gather_from_model_output` is for `pmap`/`shard_map` with a named batch axis.
+
+  outputs = eval_step_outputs(logits, batch, threshold=config.mask_threshold, canvas=config.data.eval_canvas)
+  update = EvalMetrics.single_from_model_output(**outputs)
+  metrics = update if metrics is None else metrics.merge(update)
+  metrics.compute()  # {"mIoU": …, "oIoU": …, "prec@0.5": …, …, "prec@0.9": …, "count": …} Python floats.
+
+`clu.metrics.Std` is not used: it is broken on current jax.
+"""
+from typing import Any, Dict, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+
+from fcnet_jax import image_ops
+
+PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+_LOW_BITS = 20  # Per-sample counts are ≤ 640² < 2^19; sums are kept as hi·2^20 + lo in int32 (exact).
+EVAL_BATCH_FIELDS = ("resized_hw", "offset", "orig_hw", "orig_mask")
+
+
+def per_sample_iou(intersection: jax.Array, union: jax.Array) -> jax.Array:
+  """B float32 IoU; an empty prediction against an empty ground truth (union 0) has IoU 1 (protocol.md)."""
+  union_f = union.astype(jnp.float32)
+  return jnp.where(union > 0, intersection.astype(jnp.float32) / jnp.maximum(union_f, 1.0), 1.0)
+
+
+def _model_output_mask(values: jax.Array, model_output: Mapping[str, Any]) -> Optional[jax.Array]:
+  """The per-example "mask" (False = padding example) when it applies to `values` (not to a scalar loss)."""
+  mask = model_output.get("mask")
+  if mask is None or values.ndim == 0:
+    return None
+  return jnp.asarray(mask).astype(bool)
+
+
+def _mean_of(name: str) -> type:
+  """An `Average` of model output `name` over examples whose "mask" is True (scalars are averaged per step)."""
+
+  @flax.struct.dataclass
+  class MeanOf(clu_metrics.Average):
+
+    @classmethod
+    def from_model_output(cls, **model_output):
+      values = jnp.asarray(model_output[name], jnp.float32)
+      return super().from_model_output(values, mask=_model_output_mask(values, model_output))
+
+  MeanOf.__name__ = MeanOf.__qualname__ = f"MeanOf_{name}"
+  return MeanOf
+
+
+def _precision_at(threshold: float) -> type:
+  """Prec@X: the fraction of (unmasked) examples with IoU strictly greater than X (CRIS)."""
+
+  @flax.struct.dataclass
+  class PrecisionAt(clu_metrics.Average):
+
+    @classmethod
+    def from_model_output(cls, iou: jax.Array, **model_output):
+      hits = (jnp.asarray(iou) > threshold).astype(jnp.float32)
+      return super().from_model_output(hits, mask=_model_output_mask(hits, model_output))
+
+  PrecisionAt.__name__ = PrecisionAt.__qualname__ = f"PrecisionAt{int(round(threshold * 100))}"
+  return PrecisionAt
+
+
+def _split_count(total: jax.Array):
+  return total >> _LOW_BITS, total & ((1 << _LOW_BITS) - 1)
+
+
+def _join_count(high: Any, low: Any) -> int:
+  return int(np.asarray(high, np.int64)) * (1 << _LOW_BITS) + int(np.asarray(low, np.int64))
+
+
+@flax.struct.dataclass
+class OverallIoU(clu_metrics.Metric):
+  """oIoU: total intersection / total union over the split (LAVT, CGFormer, ReLA).
+
+  The two pixel sums are held exactly as int32 pairs (high·2^20 + low), which float32 cannot do past 2^24 and
+  int32 alone cannot past 2^31 pixels (~5000 full 640×640 masks). Reads model outputs `intersection`, `union`
+  (B int32) and the optional "mask" (B bool, False = padding example).
+  """
+  intersection_high: jax.Array
+  intersection_low: jax.Array
+  union_high: jax.Array
+  union_low: jax.Array
+
+  @classmethod
+  def empty(cls) -> "OverallIoU":
+    zero = jnp.array(0, jnp.int32)
+    return cls(zero, zero, zero, zero)
+
+  @classmethod
+  def from_model_output(cls, intersection: jax.Array, union: jax.Array, **model_output) -> "OverallIoU":
+    mask = _model_output_mask(jnp.asarray(intersection), model_output)
+    if mask is None:
+      mask = jnp.ones(jnp.shape(intersection), bool)
+    # A batch sum of per-sample counts (≤ K² = 409600 at K = 640) fits int32 for batches up to 5242 examples.
+    intersection_total = jnp.where(mask, intersection, 0).astype(jnp.int32).sum()
+    union_total = jnp.where(mask, union, 0).astype(jnp.int32).sum()
+    return cls(*_split_count(intersection_total), *_split_count(union_total))
+
+  def merge(self, other: "OverallIoU") -> "OverallIoU":
+    def add(high_a, low_a, high_b, low_b):
+      carry, low = _split_count(low_a + low_b)
+      return high_a + high_b + carry, low
+
+    intersection = add(self.intersection_high, self.intersection_low, other.intersection_high,
+                       other.intersection_low)
+    union = add(self.union_high, self.union_low, other.union_high, other.union_low)
+    return type(self)(*intersection, *union)
+
+  def totals(self) -> Dict[str, int]:
+    """The exact pixel sums as Python ints (host side)."""
+    return {"intersection": _join_count(self.intersection_high, self.intersection_low),
+            "union": _join_count(self.union_high, self.union_low)}
+
+  def compute(self) -> float:
+    """Host side. An empty total union (every prediction and mask empty) gives 1, like a per-sample IoU."""
+    totals = self.totals()
+    return totals["intersection"] / totals["union"] if totals["union"] else 1.0
+
+
+@flax.struct.dataclass
+class Count(clu_metrics.Metric):
+  """The number of scored examples (those whose "mask" is True)."""
+  count: jax.Array
+
+  @classmethod
+  def empty(cls) -> "Count":
+    return cls(jnp.array(0, jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, iou: jax.Array, **model_output) -> "Count":
+    mask = _model_output_mask(jnp.asarray(iou), model_output)
+    if mask is None:
+      return cls(jnp.array(jnp.shape(iou)[0], jnp.int32))
+    return cls(mask.astype(jnp.int32).sum())
+
+  def merge(self, other: "Count") -> "Count":
+    return type(self)(self.count + other.count)
+
+  def compute(self) -> jax.Array:
+    return self.count
+
+
+def _as_floats(values: Mapping[str, Any]) -> Dict[str, float]:
+  return {name: float(np.asarray(value)) for name, value in values.items()}
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  """Loss, mean per-sample IoU and Prec@0.5 at H/4 against the training target (`train_step_outputs`)."""
+  loss: _mean_of("loss")
+  iou: _mean_of("iou")
+  prec_50: _precision_at(0.5)
+
+  def compute(self) -> Dict[str, float]:
+    """{"loss", "iou", "prec@0.5"} as Python floats (host side)."""
+    values = super().compute()
+    return _as_floats({"loss": values["loss"], "iou": values["iou"], "prec@0.5": values["prec_50"]})
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  """The protocol's metrics in the original image frame (`eval_step_outputs`); padding examples excluded."""
+  miou: _mean_of("iou")
+  oiou: OverallIoU
+  prec_50: _precision_at(0.5)
+  prec_60: _precision_at(0.6)
+  prec_70: _precision_at(0.7)
+  prec_80: _precision_at(0.8)
+  prec_90: _precision_at(0.9)
+  count: Count
+
+  def compute(self) -> Dict[str, float]:
+    """{"mIoU", "oIoU", "prec@0.5", …, "prec@0.9", "count"} as Python floats (host side).
+
+    mIoU is the mean of per-sample IoU — the "IoU" of CRIS's and FCNet's tables; oIoU is total intersection
+    over total union. With no scored example mIoU and Prec@X are NaN.
+    """
+    values = super().compute()
+    result = {"mIoU": values["miou"], "oIoU": values["oiou"]}
+    for threshold in PRECISION_THRESHOLDS:
+      result[f"prec@{threshold:.1f}"] = values[f"prec_{int(round(threshold * 100))}"]
+    result["count"] = values["count"]
+    return _as_floats(result)
+
+
+def train_step_outputs(logits: jax.Array, target: jax.Array, loss: jax.Array,
+                       threshold: float) -> Dict[str, jax.Array]:
+  """The model outputs `TrainMetrics` consumes, at H/4 (pure, jit-friendly).
+
+  Args:
+    logits: B×P×P (or B×P×P×1) mask logits.
+    target: B×P×P training target (`image_ops.downsample_mask` of the letterboxed mask), nonzero = object.
+    loss: scalar loss of the step.
+    threshold: probability threshold (config.mask_threshold).
+
+  Returns:
+    {"loss": scalar, "iou": B float32}.
+  """
+  logits = _squeeze_channel(logits)
+  intersection, union = image_ops.batch_iou_terms(jax.nn.sigmoid(logits.astype(jnp.float32)), target,
+                                                  threshold)
+  return {"loss": jnp.asarray(loss, jnp.float32), "iou": per_sample_iou(intersection, union)}
+
+
+def eval_step_outputs(logits: jax.Array, batch: Mapping[str, jax.Array], threshold: float, canvas: int,
+                      image_size: Optional[int] = None,
+                      target_sampling: str = "nearest") -> Dict[str, jax.Array]:
+  """The model outputs `EvalMetrics` consumes, scored in the ORIGINAL image frame (protocol.md "Evaluation").
+
+  sigmoid → `inverse_letterbox` to K×K → `> threshold` → intersection/union with `orig_mask`, both restricted to
+  `valid_region` (the h×w image at the canvas's top-left).
+
+  Args:
+    logits: B×P×P or B×P×P×1 mask logits.
+    batch: needs "resized_hw", "offset", "orig_hw" (B×2 int), "orig_mask" (B×K×K uint8) and, unless
+      `image_size` is given, "image" (B×S×S×3, for S); optional "valid" (B bool, False = padding example).
+    threshold: probability threshold (config.mask_threshold, 0.35 as CRIS).
+    canvas: K (config.data.eval_canvas); must equal orig_mask's side.
+    image_size: S (config.model.image_size); defaults to batch["image"].shape[1].
+    target_sampling: see `image_ops` ("nearest" for targets made by `downsample_mask`).
+
+  Returns:
+    {"intersection": B int32, "union": B int32, "iou": B float32, "mask": B bool}.
+  """
+  missing = [name for name in EVAL_BATCH_FIELDS if name not in batch]
+  if missing:
+    raise KeyError(f"eval batch lacks field(s) {missing}; it has {sorted(batch)}")
+  orig_mask = batch["orig_mask"]
+  if orig_mask.ndim != 3 or orig_mask.shape[1:] != (canvas, canvas):
+    raise ValueError(f"batch['orig_mask'] has shape {orig_mask.shape}, expected B×{canvas}×{canvas} "
+                     "(config.data.eval_canvas)")
+  if image_size is None:
+    if "image" not in batch:
+      raise KeyError("eval_step_outputs needs image_size or batch['image'] to know the letterbox size S")
+    image_size = batch["image"].shape[1]
+  logits = _squeeze_channel(logits)
+  prob = image_ops.inverse_letterbox(jax.nn.sigmoid(logits.astype(jnp.float32)), batch["resized_hw"],
+                                     batch["offset"], batch["orig_hw"], canvas, image_size, target_sampling)
+  region = image_ops.valid_region(batch["orig_hw"], canvas)
+  intersection, union = image_ops.batch_iou_terms(prob, orig_mask, threshold, region)
+  valid = batch.get("valid")
+  mask = jnp.ones(intersection.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
+  return {"intersection": intersection, "union": union, "iou": per_sample_iou(intersection, union),
+          "mask": mask}
+
+
+def _squeeze_channel(logits: jax.Array) -> jax.Array:
+  if logits.ndim == 4 and logits.shape[-1] == 1:
+    return logits[..., 0]
+  if logits.ndim != 3:
+    raise ValueError(f"mask logits must be B×P×P or B×P×P×1, got shape {logits.shape}")
+  return logits

@@ -1,0 +1,66 @@
+"""Model summary: parameter table, totals per module, forward GFLOPs per image (XLA cost analysis).
+
+    python -m fcnet_jax.tools.summary --config=configs/refcoco_r101.py [--config.model.num_emphasis=8]
+
+FLOPs come from XLA's HLO cost analysis of the jitted inference forward pass at batch 1; XLA counts a
+multiply-add as 2 FLOPs (the paper's Table 5 "GFLOPs" count it once).
+"""
+from typing import Any, Dict
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fcnet_jax.models import fcnet
+
+
+def abstract_variables(model: fcnet.FCNet) -> Any:
+  """Shapes/dtypes of the model's variables, without allocating them."""
+  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  tokens = jnp.zeros((1, model.context_length), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens, train=False))
+
+
+def forward_flops(model: fcnet.FCNet, variables: Any, batch_size: int = 1) -> float:
+  """FLOPs of one jitted inference forward pass at `batch_size` (XLA cost analysis of the lowered HLO)."""
+  images = jax.ShapeDtypeStruct((batch_size, model.image_size, model.image_size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((batch_size, model.context_length), jnp.int32)
+  lowered = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False)).lower(variables, images, tokens)
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def model_summary(model_config) -> Dict[str, Any]:
+  """Parameters (total and per top-level module) and forward GFLOPs per image for `config.model`."""
+  model = fcnet.build_model(model_config)
+  variables = abstract_variables(model)
+  per_module = {name: int(sum(np.prod(x.shape) for x in jax.tree.leaves(sub)))
+                for name, sub in variables["params"].items()}
+  flops = forward_flops(model, variables)
+  return {"params": int(sum(per_module.values())), "params_per_module": per_module,
+          "forward_gflops_per_image": flops / 1e9, "forward_gmacs_per_image": flops / 2e9,
+          "image_size": model.image_size, "context_length": model.context_length, "variables": variables}
+
+
+def main(argv):
+  del argv
+  from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  summary = model_summary(config.model)
+  print(parameter_overview.get_parameter_overview(summary["variables"]["params"], include_stats=False))
+  print("\nParameters per module:")
+  for name, count in summary["params_per_module"].items():
+    print(f"  {name:<24} {count / 1e6:10.3f} M")
+  print(f"  {'total':<24} {summary['params'] / 1e6:10.3f} M")
+  print(f"\nForward pass at {summary['image_size']}×{summary['image_size']}, L={summary['context_length']}: "
+        f"{summary['forward_gflops_per_image']:.2f} GFLOPs per image "
+        f"(= {summary['forward_gmacs_per_image']:.2f} G multiply-adds; XLA counts a multiply-add as 2 FLOPs)")
+
+
+if __name__ == "__main__":
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "Configuration file (configs/*.py).")
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Everything that touches TensorFlow / tf.data: converters, records and the input pipeline."""
