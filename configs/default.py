@@ -51,14 +51,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_splits = ("val",)
   config.data.shuffle_buffer = 4096
   config.data.eval_canvas = 640          # Original-size canvas for evaluation (COCO images are ≤ 640 a side).
+  # Embedded synthetic refer-format data (configs/demo.py): generated + converted into the workdir when
+  # tfrecord_dir is empty.
+  config.data.synthetic = False
+  config.data.synthetic_seed = 0
+  config.data.synthetic_train_images = 400
+  config.data.synthetic_eval_images = 40
 
   config.seed = 0
   config.batch_size = 64                 # Global, across all devices and hosts.
   config.eval_batch_size = 64
   config.num_epochs = 50
+  config.num_train_steps = 0             # > 0 overrides num_epochs.
   config.learning_rate = 1e-4
   config.lr_decay_epochs = (35,)         # Piecewise constant: × lr_decay_factor at each of these epochs.
   config.lr_decay_factor = 0.1
+  config.lr_schedule = "piecewise"       # piecewise (paper) | cosine (warm-up + cosine to 0; short runs)
+  config.warmup_steps = 0
+  config.encoder_lr_regex = r"^(image_encoder|text_encoder)/"  # Parameters trained at lr × lr_multi.
   config.lr_multi = 0.1                  # Image and text encoders train at learning_rate × lr_multi (CRIS).
   config.weight_decay = 0.0
   config.grad_clip_norm = 0.0            # 0 disables clipping.
@@ -67,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 50
   config.eval_every_epochs = 1
+  config.eval_every_steps = 0            # > 0 overrides eval_every_epochs.
+  config.profile_steps = 0               # > 0: one profiler window of this many steps (TensorBoard).
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.distributed = False             # Call jax.distributed.initialize() (multi-host).

@@ -1,0 +1,43 @@
+"""The embedded default: a small, real FCNet (EGM and ECM on) trained on the CPU on synthetic refer-format data.
+
+`python main.py --workdir=/tmp/fcnet_demo` generates the synthetic dataset, converts it with the real converter,
+trains, evaluates and writes overlays, in about 10 minutes on 2 CPU cores.
+"""
+from configs import tiny
+
+
+def get_config():
+  config = tiny.get_config()
+  m = config.model
+  m.image_size = 64
+  m.context_length = 12
+  m.vision_width = 16
+  m.vision_heads = 8
+  m.embed_dim = 64
+  m.text_width = 64
+  m.text_layers = 1
+  m.text_heads = 4
+  m.neck_dims = (32, 64, 64)
+  m.hidden_dim = 64
+  m.num_emphasis = 8
+  m.attention_heads = 4
+  m.decoder_layers = 1
+  m.decoder_ffn_dim = 128
+  m.dropout = 0.0
+  m.dtype = "float32"
+  config.data.synthetic = True           # Generate + convert synthetic data when tfrecord_dir is empty.
+  config.data.eval_splits = ("val",)
+  config.data.shuffle_buffer = 1024
+  config.data.eval_canvas = 160          # Synthetic images are at most 160 px a side.
+  config.batch_size = 32
+  config.eval_batch_size = 32
+  config.num_train_steps = 3000
+  config.learning_rate = 1e-3
+  config.lr_multi = 1.0                  # Encoders train from scratch here.
+  config.lr_schedule = "cosine"
+  config.warmup_steps = 200
+  config.grad_clip_norm = 1.0
+  config.log_every_steps = 100
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 500
+  return config

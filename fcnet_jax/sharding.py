@@ -1,0 +1,47 @@
+"""Device mesh and shardings: data parallelism over all devices of all hosts with `jax.jit` (no pmap).
+
+The batch is sharded over the "data" axis; parameters, optimiser state and BatchNorm statistics are replicated.
+Under jit, BatchNorm's batch statistics are therefore global across devices (XLA inserts the all-reduce).
+"""
+from typing import Any, Mapping
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+DATA_AXIS = "data"
+
+
+def create_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> Mapping[str, jax.Array]:
+  """Host-local NumPy arrays (this process's part of the batch) → one globally sharded array per field."""
+  sharding = batch_sharding(mesh)
+  local_devices = len(mesh.local_devices)
+  out = {}
+  for name, value in local_batch.items():
+    value = np.asarray(value)
+    if value.dtype.kind in "US":  # strings never reach the device
+      continue
+    if value.shape[0] % local_devices:
+      raise ValueError(f"batch field {name!r}: per-process batch {value.shape[0]} is not divisible by the "
+                       f"{local_devices} local devices (config.batch_size / config.eval_batch_size)")
+    out[name] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,348 @@
+"""Tests of input_pipeline.convert on the synthetic refer dataset.
+
+References are independent of the converter: ref counts from the refs pickle, masks from the official COCO API
+(`COCO.annToMask`), image bytes from the files, token ids from `fcnet_jax.tokenizer.tokenize`, decoded images
+from TensorFlow / PIL.
+"""
+import io
+import json
+import math
+import os
+import re
+import shutil
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from fcnet_jax import tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fixtures_refer import coco_masks, decode_png, load_instances, load_refs  # pylint: disable=g-multiple-import
+from fixtures_refer import read_records, shard_paths, synthetic_root  # pylint: disable=g-multiple-import,unused-import
+from input_pipeline import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
+from input_pipeline import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+SHARD_SIZE = 32
+ALL_SPLITS = ("train", "val", "testA", "testB")
+
+
+def _convert(root, out, images=None, **kwargs):
+  kwargs.setdefault("num_workers", 1)
+  kwargs.setdefault("shard_size", SHARD_SIZE)
+  return convert.convert(root, images or os.path.join(root, "images"), "refcoco", "unc", str(out), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def converted(synthetic_root, tmp_path_factory):
+  out = tmp_path_factory.mktemp("converted")
+  summary = _convert(synthetic_root, out)
+  return str(out), summary
+
+
+@pytest.fixture
+def images_copy(synthetic_root, tmp_path):
+  """A private copy of the image folder (the JPEGs themselves, without the train2014/ level)."""
+  target = str(tmp_path / "train2014_copy")
+  shutil.copytree(os.path.join(synthetic_root, "images", "train2014"), target)
+  return target
+
+
+def _refs_of(root, split):
+  return [r for r in load_refs(root) if r["split"] == split]
+
+
+def _val_images(root, mode=None):
+  """instances.json entries of the val images, optionally only those whose JPEG has the PIL `mode`."""
+  images = {i["id"]: i for i in load_instances(root)["images"]}
+  ids = sorted({r["image_id"] for r in _refs_of(root, "val")})
+  out = []
+  for image_id in ids:
+    with Image.open(os.path.join(root, "images", "train2014", images[image_id]["file_name"])) as image:
+      if mode is None or image.mode == mode:
+        out.append(images[image_id])
+  return out
+
+
+def _refs_of_image(root, image_id, split="val"):
+  return [r for r in _refs_of(root, split) if r["image_id"] == image_id]
+
+
+def test_summary_counts_match_refs(synthetic_root, converted):
+  out, summary = converted
+  with open(os.path.join(out, records.SUMMARY_FILE)) as f:
+    assert json.load(f) == summary
+  assert (summary["dataset"], summary["split_by"], summary["context_length"]) == ("refcoco", "unc", 77)
+  assert sorted(summary["splits"]) == sorted(ALL_SPLITS)
+  for split in ALL_SPLITS:
+    refs = _refs_of(synthetic_root, split)
+    entry = summary["splits"][split]
+    assert entry == {"refs": len(refs), "sentences": sum(len(r["sentences"]) for r in refs),
+                     "shards": math.ceil(len(refs) / SHARD_SIZE), "skipped_refs": 0, "reencoded_refs": 0}
+    paths = shard_paths(os.path.join(out, split))
+    assert [os.path.basename(p) for p in paths] == [records.shard_name(split, i, entry["shards"])
+                                                    for i in range(entry["shards"])]
+    assert sum(1 for p in paths for _ in tf.data.TFRecordDataset(p)) == len(refs)
+  assert not [n for _, _, files in os.walk(out) for n in files if n.endswith(".tmp")]
+
+
+def test_records_equal_their_sources(synthetic_root, converted):
+  out, _ = converted
+  masks = coco_masks(synthetic_root)
+  instances = load_instances(synthetic_root)
+  anns = {a["id"]: a for a in instances["annotations"]}
+  images = {i["id"]: i for i in instances["images"]}
+  refs = {r["ref_id"]: r for r in load_refs(synthetic_root)}
+  kinds = set()
+  for split in ALL_SPLITS:
+    written = read_records(shard_paths(os.path.join(out, split)))
+    assert sorted(int(r["ref_id"]) for r in written) == sorted(i for i, r in refs.items() if r["split"] == split)
+    for record in written:
+      ref = refs[int(record["ref_id"])]
+      ann, image = anns[ref["ann_id"]], images[ref["image_id"]]
+      kinds.add("polygons" if isinstance(ann["segmentation"], list) else type(ann["segmentation"]["counts"]))
+      assert (record["ann_id"], record["image_id"], record["category_id"]) == (
+          ref["ann_id"], ref["image_id"], ref["category_id"])
+      assert (record["image/height"], record["image/width"]) == (image["height"], image["width"])
+      np.testing.assert_array_equal(record["bbox"], np.float32(ann["bbox"]))
+      with open(os.path.join(synthetic_root, "images", "train2014", image["file_name"]), "rb") as f:
+        assert record["image/encoded"] == f.read()
+      assert record["image/reencoded"] == 0
+      mask = decode_png(record["mask/encoded"])
+      assert mask.dtype == np.uint8 and mask.shape == (image["height"], image["width"])
+      np.testing.assert_array_equal(mask, masks[ref["ann_id"]])  # Bit for bit, 0/1.
+      sents = [s["sent"] for s in ref["sentences"]]
+      assert [s.decode() for s in record["sentences/sent"]] == sents
+      assert record["sentences/sent_id"].tolist() == [s["sent_id"] for s in ref["sentences"]]
+      np.testing.assert_array_equal(record["sentences/tokens"].reshape(len(sents), 77),
+                                    tokenizer.tokenize(sents, 77))
+  assert kinds == {"polygons", str, list}  # Polygon lists, compressed and uncompressed RLE all went through.
+
+
+def test_records_decode_in_the_pipeline(converted):
+  out, _ = converted
+  for record in read_records(shard_paths(os.path.join(out, "val"))):
+    image = tf.io.decode_image(record["image/encoded"], channels=3, expand_animations=False)
+    mask = tf.io.decode_png(record["mask/encoded"], channels=1)
+    assert image.shape == (record["image/height"], record["image/width"], 3)
+    assert mask.shape == (record["image/height"], record["image/width"], 1)
+    assert set(np.unique(mask.numpy())) <= {0, 1}
+
+
+def test_grayscale_cmyk_exif_and_undecodable_formats(synthetic_root, images_copy, tmp_path):
+  gray = _val_images(synthetic_root, "L")
+  colour = _val_images(synthetic_root, "RGB")
+  assert gray and len(colour) >= 3
+  cmyk, rotated, tiff = colour[:3]
+  for info, save in ((cmyk, lambda im, p: im.convert("CMYK").save(p, "JPEG", quality=95)),
+                     (rotated, lambda im, p: im.save(p, "JPEG", quality=95, exif=_orientation(6))),
+                     (tiff, lambda im, p: im.save(p, "TIFF"))):  # TIFF under a .jpg name: TF cannot decode it.
+    path = os.path.join(images_copy, info["file_name"])
+    with Image.open(path) as image:
+      image = image.convert("RGB")
+    save(image, path)
+  assert rotated["height"] != rotated["width"]  # Otherwise an applied rotation would go unnoticed.
+
+  summary = _convert(synthetic_root, tmp_path / "out", images=images_copy, splits=["val"])
+  written = {int(r["image_id"]): r for r in read_records(shard_paths(str(tmp_path / "out" / "val")))}
+  for info in [cmyk, rotated, tiff] + gray:
+    record = written[info["id"]]
+    with open(os.path.join(images_copy, info["file_name"]), "rb") as f:
+      original = f.read()
+    decoded = tf.io.decode_image(record["image/encoded"], channels=3, expand_animations=False).numpy()
+    assert decoded.shape == (info["height"], info["width"], 3)
+    if info is tiff:
+      assert record["image/reencoded"] == 1 and record["image/encoded"].startswith(b"\x89PNG")
+      with Image.open(io.BytesIO(original)) as image:
+        np.testing.assert_array_equal(decoded, np.asarray(image.convert("RGB")))  # Lossless.
+    else:
+      assert record["image/reencoded"] == 0 and record["image/encoded"] == original
+    if info is cmyk:  # TF's CMYK conversion agrees with PIL's (up to JPEG decoder differences).
+      with Image.open(io.BytesIO(original)) as image:
+        assert image.mode == "CMYK"
+        reference = np.asarray(image.convert("RGB")).astype(int)
+      assert np.abs(decoded.astype(int) - reference).mean() < 2
+  assert summary["splits"]["val"]["reencoded_refs"] == len(_refs_of_image(synthetic_root, tiff["id"]))
+
+
+def _orientation(value):
+  exif = Image.Exif()
+  exif[0x0112] = value
+  return exif.tobytes()
+
+
+def test_truncated_and_missing_images_fail_naming_the_file(synthetic_root, images_copy, tmp_path):
+  first, second = _val_images(synthetic_root)[:2]
+  truncated = os.path.join(images_copy, first["file_name"])
+  with open(truncated, "rb") as f:
+    data = f.read()
+  with open(truncated, "wb") as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(convert.BadImageError, match=f"{re.escape(truncated)} is corrupt or truncated"):
+    _convert(synthetic_root, tmp_path / "a", images=images_copy, splits=["val"])
+  assert not os.path.exists(tmp_path / "a" / records.SUMMARY_FILE)
+  assert not [n for n in os.listdir(tmp_path / "a" / "val") if n.startswith("val-00000")]  # No shard, no .tmp.
+
+  with open(truncated, "wb") as f:
+    f.write(data)
+  missing = os.path.join(images_copy, second["file_name"])
+  os.remove(missing)
+  with pytest.raises(convert.BadImageError, match=f"{re.escape(missing)} is missing"):
+    _convert(synthetic_root, tmp_path / "b", images=images_copy, splits=["val"])
+
+
+def test_skip_bad_images_skips_and_counts(synthetic_root, images_copy, tmp_path):
+  first, second = _val_images(synthetic_root)[:2]
+  with open(os.path.join(images_copy, first["file_name"]), "r+b") as f:
+    f.truncate(300)
+  os.remove(os.path.join(images_copy, second["file_name"]))
+  bad_refs = {r["ref_id"] for info in (first, second) for r in _refs_of_image(synthetic_root, info["id"])}
+  val_refs = _refs_of(synthetic_root, "val")
+  out = tmp_path / "out"
+  summary = _convert(synthetic_root, out, images=images_copy, splits=["val"], skip_bad_images=True)
+  entry = summary["splits"]["val"]
+  assert entry["skipped_refs"] == len(bad_refs) > 0
+  assert entry["refs"] == len(val_refs) - len(bad_refs)
+  assert entry["sentences"] == sum(len(r["sentences"]) for r in val_refs if r["ref_id"] not in bad_refs)
+  written = {int(r["ref_id"]) for r in read_records(shard_paths(str(out / "val")))}
+  assert written == {r["ref_id"] for r in val_refs} - bad_refs
+  # Resuming keeps the count; resuming without the flag refuses the incomplete shards.
+  assert _convert(synthetic_root, out, images=images_copy, splits=["val"], skip_bad_images=True) == summary
+  with pytest.raises(RuntimeError, match="--skip_bad_images"):
+    _convert(synthetic_root, out, images=images_copy, splits=["val"])
+
+
+def test_wrong_image_size_is_an_error(synthetic_root, images_copy, tmp_path):
+  info = next(i for i in _val_images(synthetic_root, "RGB") if i["height"] != i["width"])
+  path = os.path.join(images_copy, info["file_name"])
+  with Image.open(path) as image:
+    image.transpose(Image.Transpose.ROTATE_90).save(path, "JPEG")  # What applying EXIF rotation would do.
+  with pytest.raises(convert.BadImageError, match=f"{re.escape(path)} decodes to {info['width']}×{info['height']}"):
+    _convert(synthetic_root, tmp_path / "out", images=images_copy, splits=["val"])
+
+
+def test_bad_arguments_give_clear_errors(synthetic_root, tmp_path):
+  images = os.path.join(synthetic_root, "images")
+  with pytest.raises(ValueError, match="'refclef'.*known: refcoco/unc"):
+    convert.convert(synthetic_root, images, "refclef", "unc", str(tmp_path))
+  with pytest.raises(ValueError, match="--split_by='umd'"):
+    convert.convert(synthetic_root, images, "refcoco", "umd", str(tmp_path))
+  with pytest.raises(ValueError, match=r"unknown split\(s\) \['testC'\].*refcoco/unc"):
+    _convert(synthetic_root, tmp_path, splits=["val", "testC"])
+  with pytest.raises(FileNotFoundError, match=r"refcocog/refs\(umd\)\.p not found"):
+    convert.convert(synthetic_root, images, "refcocog", "umd", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"refcoco/refs\(google\)\.p not found"):
+    convert.convert(synthetic_root, images, "refcoco", "google", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="--coco_images=.*nowhere is not a directory"):
+    convert.convert(synthetic_root, str(tmp_path / "nowhere"), "refcoco", "unc", str(tmp_path))
+  with pytest.raises(ValueError, match="--shard_size must be >= 1"):
+    _convert(synthetic_root, tmp_path, splits=["val"], shard_size=0)
+  assert not os.path.exists(tmp_path / records.SUMMARY_FILE)
+
+
+def test_interrupted_conversion_resumes(synthetic_root, tmp_path):
+  out = tmp_path / "out"
+  first = _convert(synthetic_root, out, splits=["train"], shard_size=16)
+  paths = shard_paths(str(out / "train"))
+  assert len(paths) >= 5
+  contents = {p: open(p, "rb").read() for p in paths}
+  stats = {p: os.stat(p) for p in paths}
+  # An interrupted run: one shard missing, no summary, a corrupt partial shard left behind.
+  lost = paths[2]
+  os.remove(lost)
+  os.remove(out / records.SUMMARY_FILE)
+  with open(lost + ".tmp", "wb") as f:
+    f.write(b"\x00garbage" * 100)
+
+  second = _convert(synthetic_root, out, splits=["train"], shard_size=16)
+  assert second == first
+  assert shard_paths(str(out / "train")) == paths and not os.path.exists(lost + ".tmp")
+  for path in paths:
+    assert open(path, "rb").read() == contents[path]  # Deterministic: the rewritten shard is byte-equal.
+    kept = (os.stat(path).st_ino, os.stat(path).st_mtime_ns) == (stats[path].st_ino, stats[path].st_mtime_ns)
+    assert kept == (path != lost), path  # Only the lost shard was written again.
+  # Another shard size would mix two layouts: refused, naming the flag.
+  with pytest.raises(ValueError, match="--shard_size"):
+    _convert(synthetic_root, out, splits=["train"], shard_size=8)
+
+
+def test_splits_converted_separately_merge_into_one_summary(synthetic_root, tmp_path):
+  out = tmp_path / "out"
+  _convert(synthetic_root, out, splits=["val"])
+  summary = _convert(synthetic_root, out, splits=["testA"])
+  assert sorted(summary["splits"]) == ["testA", "val"]
+  for split in ("val", "testA"):
+    assert summary["splits"][split]["refs"] == len(_refs_of(synthetic_root, split))
+  # A summary of another dataset/split_by in --out is refused before any work.
+  google_root = tmp_path / "refer"
+  os.makedirs(google_root / "refcoco")
+  shutil.copy(os.path.join(synthetic_root, "refcoco", "instances.json"), google_root / "refcoco")
+  shutil.copy(os.path.join(synthetic_root, "refcoco", "refs(unc).p"), google_root / "refcoco" / "refs(google).p")
+  with pytest.raises(ValueError, match=f"{re.escape(str(out / records.SUMMARY_FILE))} has split_by='unc'"):
+    convert.convert(str(google_root), os.path.join(synthetic_root, "images"), "refcoco", "google", str(out),
+                    splits=["val"])
+
+
+def test_every_dataset_and_split_by(tmp_path):
+  root = str(tmp_path / "refer")
+  for (dataset, split_by), splits in convert.SPLITS.items():
+    synthetic.generate(root, num_train_images=2, num_eval_images=1, dataset=dataset, split_by=split_by)
+    out = str(tmp_path / f"{dataset}_{split_by}")
+    summary = convert.convert(root, os.path.join(root, "images", "train2014"), dataset, split_by, out,
+                              num_workers=1)
+    refs = load_refs(root, dataset, split_by)
+    assert tuple(summary["splits"]) == splits
+    for split in splits:
+      assert summary["splits"][split]["refs"] == sum(r["split"] == split for r in refs) > 0
+  synthetic.generate(root, num_train_images=2, num_eval_images=1, dataset="refcoco", split_by="google",
+                     splits=("train", "val"))
+  with pytest.raises(ValueError, match=r"refs\(google\)\.p has no refs of split\(s\) \['test'\]"):
+    convert.convert(root, os.path.join(root, "images"), "refcoco", "google", str(tmp_path / "x"),
+                    splits=["test"])
+
+
+def test_a_spawned_worker_writes_the_same_shards(synthetic_root, tmp_path):
+  # One shard, so one spawned process (each pays TensorFlow's import); the same as converting in-process.
+  inline = _convert(synthetic_root, tmp_path / "inline", splits=["val"], shard_size=128)
+  spawned = _convert(synthetic_root, tmp_path / "spawned", splits=["val"], shard_size=128, num_workers=2)
+  assert spawned == inline and inline["splits"]["val"]["shards"] == 1
+  name = records.shard_name("val", 0, 1)
+  with open(tmp_path / "inline" / "val" / name, "rb") as f, open(tmp_path / "spawned" / "val" / name, "rb") as g:
+    assert f.read() == g.read()
+
+
+def test_command_line(synthetic_root, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    convert.main(["--help"])
+  usage = capsys.readouterr().out
+  assert "pickle" in usage and "TFDS" in usage
+  assert "pickle" in convert.__doc__ and "TFDS builder" in convert.__doc__
+  summary = convert.main([f"--refer_root={synthetic_root}", f"--coco_images={synthetic_root}/images",
+                          "--dataset=refcoco", "--split_by=unc", f"--out={tmp_path}", "--splits=val,testB",
+                          "--num_workers=1", "--shard_size=64"])
+  assert json.loads(capsys.readouterr().out) == summary
+  assert sorted(summary["splits"]) == ["testB", "val"]
+  assert summary["splits"]["val"]["shards"] == math.ceil(len(_refs_of(synthetic_root, "val")) / 64)
+
+
+def test_python2_pickles_with_utf8_byte_strings(tmp_path):
+  # Python 2 pickled `str` as bytes (opcode U); refer files were written so. b"caf\xc3\xa9" is UTF-8 "café".
+  path = tmp_path / "refs(unc).p"
+  path.write_bytes(b"\x80\x02]q\x00}q\x01(U\x06ref_idK\x07U\x06ann_idK\x01U\x08image_idK\x02U\x0bcategory_id"
+                   b"K\x03U\x05splitU\x05trainU\tsentences]q\x02}q\x03U\x04sentU\x05caf\xc3\xa9saua.")
+  refs = convert.load_refs(str(path))
+  assert refs == [{"ref_id": 7, "ann_id": 1, "image_id": 2, "category_id": 3, "split": "train",
+                   "sentences": [{"sent": "café"}]}]
+
+
+def test_decode_annotation_mask_rejects_mismatched_rle():
+  rle = {"size": [4, 5], "counts": [3, 2, 15]}
+  np.testing.assert_array_equal(convert.decode_annotation_mask(rle, 4, 5).reshape(-1, order="F"),
+                                [0] * 3 + [1] * 2 + [0] * 15)
+  with pytest.raises(ValueError, match=r"annotation 9: RLE size \[4, 5\] differs"):
+    convert.decode_annotation_mask(rle, 5, 4, where="annotation 9")
+  with pytest.raises(ValueError, match="empty segmentation"):
+    convert.decode_annotation_mask([], 5, 4)
