@@ -7,6 +7,7 @@ members of a private package, with a stand-in for the one torchvision symbol (``
 open_clip's ``utils`` imports but our tests never use.
 """
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -36,9 +37,13 @@ def _install_torchvision_stub():
   class FrozenBatchNorm2d(torch.nn.Module):  # Never instantiated by the tests.
     pass
 
-  tv = types.ModuleType("torchvision")
-  ops = types.ModuleType("torchvision.ops")
-  misc = types.ModuleType("torchvision.ops.misc")
+  def stub(name):
+    module = types.ModuleType(name)
+    # A spec lets `importlib.util.find_spec("torchvision")` (done by transformers) work on the stand-in.
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return module
+
+  tv, ops, misc = stub("torchvision"), stub("torchvision.ops"), stub("torchvision.ops.misc")
   misc.FrozenBatchNorm2d = FrozenBatchNorm2d
   tv.ops, ops.misc = ops, misc
   sys.modules.update({"torchvision": tv, "torchvision.ops": ops, "torchvision.ops.misc": misc})
