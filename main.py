@@ -53,12 +53,14 @@ def main(argv):
   shuffled_control = synthetic if FLAGS.shuffled_control is None else FLAGS.shuffled_control
   if FLAGS.mode == "train":
     result = train.train_and_evaluate(config, FLAGS.workdir)
+    split = config.data.eval_splits[0]
+    print(f"\n{train.format_table(result['eval'])}")
     if shuffled_control:
-      results = train.evaluate_checkpoint(config, FLAGS.workdir, checkpoint="latest", shuffled_control=True)
-      split = config.data.eval_splits[0]
-      print(f"\nHeld-out {split}: mIoU {results[split]['mIoU']:.3f} with the right sentences, "
-            f"{results[f'{split}_shuffled_sentences']['mIoU']:.3f} with sentences shuffled across examples")
-    del result
+      # The control: the same model and images, each example paired with another example's sentence.
+      shuffled, _ = result["trainer"].evaluate(result["state"], train.DataSource(config).eval(split),
+                                               sentences_shuffled=True)
+      print(f"\nHeld-out {split}: mIoU {result['eval'][split]['mIoU']:.3f} with the right sentences, "
+            f"{shuffled['mIoU']:.3f} with sentences shuffled across examples")
   else:
     train.evaluate_checkpoint(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, shuffled_control=shuffled_control)
 
