@@ -29,15 +29,16 @@ def get_config():
   config.data.eval_splits = ("val",)
   config.data.shuffle_buffer = 1024
   config.data.eval_canvas = 160          # Synthetic images are at most 160 px a side.
+  config.data.synthetic_train_images = 1600  # ~6k training refs: fewer repeats, less overfitting than 400.
   config.batch_size = 32
   config.eval_batch_size = 32
-  config.num_train_steps = 3000
+  config.num_train_steps = 1500
   config.learning_rate = 1e-3
   config.lr_multi = 1.0                  # Encoders train from scratch here.
   config.lr_schedule = "cosine"
   config.warmup_steps = 200
   config.grad_clip_norm = 1.0
   config.log_every_steps = 100
-  config.eval_every_steps = 1000
+  config.eval_every_steps = 750
   config.checkpoint_every_steps = 500
   return config
