@@ -6,6 +6,7 @@ Under jit, BatchNorm's batch statistics are therefore global across devices (XLA
 from typing import Any, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -44,4 +45,13 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> Mapping[s
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
+  """Host-local values (identical on every process) → arrays replicated over every device of the mesh.
+
+  `jax.device_put` only reaches this process's devices, so with several processes each one contributes its copy
+  to the global array instead.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, replicated(mesh))
+  # Python scalars (TrainState.step starts as int 0) become arrays first; typed PRNG keys stay keys.
+  tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), tree)
+  return multihost_utils.host_local_array_to_global_array(tree, mesh, P())

@@ -6,6 +6,8 @@ Batches arrive as iterators of host-local NumPy dicts (built by `input_pipeline`
 module imports without TensorFlow.
 """
 import functools
+import logging as std_logging
+import os
 import re
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
@@ -14,6 +16,7 @@ from absl import logging
 import flax
 from flax.training import train_state as flax_train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -43,6 +46,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
 
   "piecewise" (the paper): constant `learning_rate`, × `lr_decay_factor` at each epoch in `lr_decay_epochs`.
   "cosine": linear warm-up over `warmup_steps`, cosine decay to 0 at `total_steps` (short CPU runs).
+  With "piecewise" and `warmup_steps` > 0, a linear warm-up from 0 replaces the first steps; the decay steps stay
+  where the epochs put them. The value at step n is the rate of the update that takes state.step n → n + 1.
   """
   if config.lr_schedule == "piecewise":
     boundaries = {int(epoch * steps_per_epoch): config.lr_decay_factor for epoch in config.lr_decay_epochs}
@@ -54,7 +59,11 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     raise ValueError(f"config.lr_schedule={config.lr_schedule!r}; expected 'piecewise' or 'cosine'")
   if config.lr_schedule == "piecewise" and config.warmup_steps:
     warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-    schedule = optax.join_schedules([warmup, schedule], [config.warmup_steps])
+    # join_schedules hands the second schedule the steps since the join; shift them back so that the decay
+    # boundaries stay at their absolute steps (epoch × steps_per_epoch).
+    piecewise = schedule
+    schedule = optax.join_schedules([warmup, lambda step: piecewise(step + config.warmup_steps)],
+                                    [config.warmup_steps])
   return schedule
 
 
@@ -83,12 +92,17 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
 def create_train_state(config: ml_collections.ConfigDict, model: fcnet.FCNet, rng: jax.Array,
                        tx: optax.GradientTransformation) -> TrainState:
   """Fresh variables (fp32) for `model`, the optimiser state and a dropout key."""
-  init_rng, dropout_rng = jax.random.split(rng)
   images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   tokens = jnp.zeros((1, model.context_length), jnp.int32).at[:, 0].set(49406).at[:, 1].set(49407)
-  variables = jax.jit(functools.partial(model.init, train=False))(init_rng, images, tokens)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
+
+  def init(rng):
+    init_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init(init_rng, images, tokens, train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
+
+  # One compiled program: the optimiser's zero moments, built eagerly, would compile one small kernel per shape.
+  return jax.jit(init)(rng)
 
 
 # ----------------------------------------------------------------------------------------------------- steps
@@ -242,7 +256,7 @@ class Trainer:
         update, prob = self.eval_step(state, sharding.global_batch(batch, self.mesh))
         metrics = update if metrics is None else metrics.merge(update)
         if overlays is None and num_overlays:
-          overlays = make_overlays(batch, jax.experimental.multihost_utils.process_allgather(prob)
+          overlays = make_overlays(batch, multihost_utils.process_allgather(prob, tiled=True)
                                    if jax.process_count() > 1 else np.asarray(prob),
                                    self.config.mask_threshold, num_overlays)
     if metrics is None:
@@ -281,17 +295,26 @@ class Checkpoints:
   def __init__(self, workdir: str, keep: int):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
+    quiet_orbax_logging()
+    # Both managers save the same step numbers; with several processes their barriers are named after the step
+    # directory, so each manager needs its own barrier prefix or the two saves of a step collide.
+    barriers = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
     self.latest = ocp.CheckpointManager(
-        f"{workdir}/checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        f"{workdir}/checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, multiprocessing_options=barriers("latest")))
     self.best = ocp.CheckpointManager(
         f"{workdir}/best", options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m["mIoU"], best_mode="max", create=True,
-            keep_checkpoints_without_metrics=False))
+            keep_checkpoints_without_metrics=False, multiprocessing_options=barriers("best")))
 
   def save_latest(self, step: int, state: TrainState, force: bool = False):
     self.latest.save(step, args=self._ocp.args.StandardSave(state), force=force)
 
   def save_best(self, step: int, state: TrainState, eval_metrics: Mapping[str, float]):
+    # A run resumed from an older "latest" step re-evaluates steps whose best checkpoint is already kept; resuming
+    # is exact, so that checkpoint holds this very state (and Orbax refuses to save a step twice).
+    if step in self.best.all_steps():
+      return
     self.best.save(step, args=self._ocp.args.StandardSave(state), metrics=dict(eval_metrics), force=True)
 
   def restore(self, state: TrainState, which: str = "latest", step: Optional[int] = None) -> Optional[TrainState]:
@@ -316,6 +339,20 @@ class Checkpoints:
   def close(self):
     self.latest.close()
     self.best.close()
+
+
+class _DropOrbaxInfo(std_logging.Filter):
+  """Drops the INFO/DEBUG records that Orbax logs through absl (dozens per save); its warnings stay."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logging():
+  """Installs `_DropOrbaxInfo` on absl's logger once; other modules' INFO logs are untouched."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropOrbaxInfo())
 
 
 # ----------------------------------------------------------------------------------------------------- driver
@@ -354,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = restored
     logging.info("Resumed from step %d", int(state.step))
   start_step = int(state.step)
-  eval_every = config.eval_every_steps or int(config.eval_every_epochs * steps_per_epoch)
+  eval_every = config.eval_every_steps or max(int(config.eval_every_epochs * steps_per_epoch), 1)
 
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)]
   if jax.process_index() == 0 and config.profile_steps:
@@ -453,7 +490,6 @@ def _check_batch_sizes(config: ml_collections.ConfigDict):
 
 def _write_json(path: str, payload: Mapping[str, Any]):
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)

@@ -1,0 +1,282 @@
+"""Tests of fcnet_jax/train.py: the real training loop on tiny synthetic data, exact resume, eval mode, optimiser.
+
+The loop runs as `python main.py` in subprocesses on the synthetic refer data converted by the real converter:
+
+  A: 2 steps (evaluation + checkpoint at step 2), then A again in the same workdir up to step 4 (a restart: new
+     process, new Trainer; it resumes from the step-2 checkpoint, the pipeline from start_step=2);
+  B: 4 uninterrupted steps in a fresh workdir;
+  `--mode=eval --checkpoint=best` on A.
+
+Resuming is checked bitwise (CPU XLA is deterministic for a fixed program): every array of A's and B's step-4
+checkpoints (params, Adam moments and counts, BatchNorm statistics, step, dropout key) must be equal. The model
+uses dropout (tiny config: 0.1) and the learning rate drops ×0.1 at step 3, between the two halves of A, so the
+dropout key folding, the data position and the schedule all matter. The optimiser tests run in-process on the
+real parameter tree (`jax.eval_shape`, nothing compiled but one optimiser update).
+"""
+import functools
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from flax import traverse_util  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax.models import fcnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# pycocotools (synthetic data / converter) warns once per decoded mask under NumPy 2.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+LEARNING_RATE = 1e-3
+DECAY_STEP = 3  # lr_decay_epochs=(0.6,) × steps_per_epoch 5 (43 training refs // batch 8).
+METRIC_NAMES = ("mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9")
+TIMEOUT_S = 900
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The runs (module fixtures).
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """(shard dir, converter summary) of the tiny synthetic dataset."""
+  return train_worker.make_dataset(str(tmp_path_factory.mktemp("train_data")))
+
+
+def _main(workdir: str, tfrecord_dir: str, log_path: str, *args: str) -> str:
+  """Runs main.py with configs/tiny.py on the shards; returns its output."""
+  command = [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+             f"--config.data.tfrecord_dir={tfrecord_dir}", "--config.data.eval_canvas=160",
+             "--config.data.shuffle_buffer=16", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+             "--config.log_every_steps=1", "--config.keep_checkpoints=3",
+             f"--config.learning_rate={LEARNING_RATE}", "--config.lr_decay_epochs=(0.6,)", *args]
+  train_worker.run_checked(command, log_path, TIMEOUT_S)
+  with open(log_path) as f:
+    return f.read()
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _steps(directory: str):
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, tmp_path_factory):
+  """Runs A (2 steps, then resumed to 4), B (4 steps) and eval mode on A; returns what each left behind."""
+  shards, _ = dataset
+  root = tmp_path_factory.mktemp("train_runs")
+  a, b = str(root / "a"), str(root / "b")
+  out = {"a": a, "b": b}
+  _main(a, shards, str(root / "a1.log"), "--config.num_train_steps=2")
+  out["a_eval_2"] = _read_json(os.path.join(a, "eval_val.json"))
+  out["a_steps_2"] = (_steps(os.path.join(a, "checkpoints")), _steps(os.path.join(a, "best")))
+  out["a2_log"] = _main(a, shards, str(root / "a2.log"), "--config.num_train_steps=4")
+  out["a_eval_4"] = _read_json(os.path.join(a, "eval_val.json"))
+  _main(b, shards, str(root / "b.log"), "--config.num_train_steps=4")
+  out["b_eval_4"] = _read_json(os.path.join(b, "eval_val.json"))
+  out["eval_stdout"] = _main(a, shards, str(root / "eval.log"), "--config.num_train_steps=4", "--mode=eval",
+                             "--checkpoint=best")
+  out["eval_mode"] = _read_json(os.path.join(a, "eval_val.json"))
+  return out
+
+
+def _restore_raw(step_dir: str) -> dict:
+  """Every array of an Orbax checkpoint as NumPy, keyed by pytree path (PRNG keys as their raw data)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tree = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    flat[jax.tree_util.keystr(path)] = np.asarray(leaf)
+  return flat
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The real loop.
+
+
+def _check_eval_json(payload: dict, step: int, num_pairs: int):
+  assert payload["step"] == step and payload["split"] == "val"
+  assert payload["count"] == num_pairs  # Every (ref, sentence) pair of the split scored once.
+  for name in METRIC_NAMES:
+    assert math.isfinite(payload[name]) and 0.0 <= payload[name] <= 1.0, (name, payload)
+  precisions = [payload[f"prec@{x}"] for x in ("0.5", "0.6", "0.7", "0.8", "0.9")]
+  assert precisions == sorted(precisions, reverse=True)  # Prec@X cannot grow with X.
+
+
+def test_training_writes_evaluations_checkpoints_and_logs(runs, dataset):
+  _, summary = dataset
+  num_pairs = summary["splits"]["val"]["sentences"]
+  _check_eval_json(runs["a_eval_2"], 2, num_pairs)
+  _check_eval_json(runs["a_eval_4"], 4, num_pairs)
+  assert runs["a_steps_2"] == ([2], [2])
+  assert _steps(os.path.join(runs["a"], "checkpoints")) == [2, 4]
+  # The best manager keeps the one step with the highest validation mIoU.
+  best = _steps(os.path.join(runs["a"], "best"))
+  evals = {2: runs["a_eval_2"]["mIoU"], 4: runs["a_eval_4"]["mIoU"]}
+  assert len(best) == 1 and evals[best[0]] == max(evals.values())
+  assert "Resumed from step 2" in runs["a2_log"]
+
+  scalars = train_worker.read_scalars(runs["b"])
+  losses = scalars["train/loss"]
+  assert sorted(losses) == [1, 2, 3, 4]
+  assert all(math.isfinite(v) and 0.0 < v < 5.0 for v in losses.values()), losses
+  # The rate logged at step n is that of the n-th update (optax count n - 1): ×0.1 from update DECAY_STEP on.
+  expected = {n: LEARNING_RATE * (0.1 if n - 1 >= DECAY_STEP else 1.0) for n in range(1, 5)}
+  np.testing.assert_allclose([scalars["train/learning_rate"][n] for n in range(1, 5)],
+                             [expected[n] for n in range(1, 5)], rtol=1e-6)
+  for name in METRIC_NAMES:
+    assert scalars[f"eval/val/{name}"][4] == pytest.approx(runs["b_eval_4"][name], abs=1e-7)
+
+
+def test_resume_is_bitwise_exact(runs):
+  resumed = _restore_raw(os.path.join(runs["a"], "checkpoints", "4"))
+  uninterrupted = _restore_raw(os.path.join(runs["b"], "checkpoints", "4"))
+  assert resumed.keys() == uninterrupted.keys()
+  assert int(resumed["['step']"]) == 4
+  different = [k for k in resumed if not np.array_equal(resumed[k], uninterrupted[k])]
+  assert not different, f"{len(different)} of {len(resumed)} arrays differ, e.g. {different[:5]}"
+  # The training really moved the parameters (the comparison is not between two initial states).
+  start = _restore_raw(os.path.join(runs["a"], "checkpoints", "2"))
+  moved = [k for k in start if k.startswith("['params']") and not np.array_equal(start[k], resumed[k])]
+  assert len(moved) > 0.9 * sum(k.startswith("['params']") for k in start)
+  for name in METRIC_NAMES + ("count",):
+    assert runs["a_eval_4"][name] == runs["b_eval_4"][name], name
+
+
+def test_eval_mode_restores_the_best_checkpoint(runs, dataset):
+  _, summary = dataset
+  best_step = _steps(os.path.join(runs["a"], "best"))[0]
+  at_training = runs[f"a_eval_{best_step}"]
+  evaluated = runs["eval_mode"]
+  _check_eval_json(evaluated, best_step, summary["splits"]["val"]["sentences"])
+  for name in METRIC_NAMES:  # The same state through the same program: identical numbers.
+    assert evaluated[name] == pytest.approx(at_training[name], abs=1e-7), name
+  table_row = [line for line in runs["eval_stdout"].splitlines() if line.startswith("val ")]
+  assert table_row and table_row[0].split()[-1] == str(summary["splits"]["val"]["sentences"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimiser and schedule (in-process, no model compile).
+
+
+def _schedule_config(**overrides) -> ml_collections.ConfigDict:
+  config = tiny.get_config()
+  for name, value in overrides.items():
+    config[name] = value
+  return config
+
+
+def test_piecewise_schedule_decays_at_the_epoch_boundary():
+  # The paper: lr 1e-4, ×0.1 at epoch 35 (CRIS MultiStepLR: epochs 0…34 at lr, epoch 35 on at 0.1 lr).
+  config = _schedule_config(learning_rate=1e-4, lr_schedule="piecewise", lr_decay_epochs=(35,),
+                            lr_decay_factor=0.1, warmup_steps=0)
+  steps_per_epoch = 100
+  lr = train.create_learning_rate_fn(config, steps_per_epoch, 50 * steps_per_epoch)
+  steps = np.array([0, 1, 3499, 3500, 3501, 4999])
+  np.testing.assert_allclose([float(lr(s)) for s in steps], [1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5], rtol=1e-6)
+  # Two boundaries compound; a linear warm-up does not move them.
+  config = _schedule_config(learning_rate=1e-4, lr_schedule="piecewise", lr_decay_epochs=(35, 45),
+                            lr_decay_factor=0.1, warmup_steps=10)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch, 50 * steps_per_epoch)
+  steps = np.array([0, 5, 10, 3499, 3500, 4499, 4500])
+  np.testing.assert_allclose([float(lr(s)) for s in steps], [0.0, 5e-5, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6],
+                             rtol=1e-6, atol=1e-12)
+
+
+def test_cosine_schedule_warms_up_and_reaches_zero():
+  config = _schedule_config(learning_rate=1e-3, lr_schedule="cosine", warmup_steps=10)
+  lr = train.create_learning_rate_fn(config, 7, 110)
+  np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10, 60, 110)],
+                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], rtol=1e-5, atol=1e-9)
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.create_learning_rate_fn(_schedule_config(lr_schedule="step"), 7, 110)
+
+
+@pytest.fixture(scope="module")
+def param_shapes():
+  """The tiny model's parameter tree as ShapeDtypeStructs (traced, not compiled)."""
+  model = fcnet.build_model(tiny.get_config().model)
+  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  tokens = jnp.zeros((1, model.context_length), jnp.int32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images, tokens)
+  return variables["params"]
+
+
+ENCODERS = ("image_encoder", "text_encoder")
+
+
+def test_parameter_labels_split_encoders_from_the_rest(param_shapes):
+  config = tiny.get_config()
+  labels = train.parameter_labels(param_shapes, config.encoder_lr_regex)
+  flat_labels = traverse_util.flatten_dict(labels, sep="/")
+  expected = {path: "encoder" if path.split("/")[0] in ENCODERS else "head" for path in flat_labels}
+  assert flat_labels == expected
+  assert {p.split("/")[0] for p, l in flat_labels.items() if l == "head"} >= {"neck", "decoder", "mask_head"}
+  assert sum(l == "encoder" for l in flat_labels.values()) > 20
+
+
+def test_encoders_train_at_lr_times_lr_multi(param_shapes):
+  """One Adam step of the real optimiser: the first update is −lr·g/(|g| + eps) (bias-corrected moments)."""
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), param_shapes)
+  grads = jax.tree.map(lambda p: (rng.normal(size=p.shape) * 10.0 ** rng.uniform(-6, 0, p.shape)).astype(
+      np.float32), params)
+  lr, eps = 1e-3, 1e-8
+  for multiplier in (0.0, 0.1):
+    config = _schedule_config(learning_rate=lr, lr_schedule="piecewise", warmup_steps=0, lr_multi=multiplier,
+                              weight_decay=0.0, grad_clip_norm=0.0)
+    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10, 100))
+
+    @jax.jit
+    def step(params, grads):
+      updates, _ = tx.update(grads, tx.init(params), params)  # pylint: disable=cell-var-from-loop
+      return optax.apply_updates(params, updates)
+
+    flat_new = traverse_util.flatten_dict(jax.device_get(step(params, grads)), sep="/")
+    flat_grad = traverse_util.flatten_dict(grads, sep="/")
+    for path, old in traverse_util.flatten_dict(params, sep="/").items():
+      scale = multiplier if path.split("/")[0] in ENCODERS else 1.0
+      if scale == 0.0:
+        np.testing.assert_array_equal(flat_new[path], old, err_msg=path)
+        continue
+      g = flat_grad[path].astype(np.float64)
+      expected = -lr * scale * g / (np.abs(g) + eps)
+      # |params| ≲ 5, so float32 rounding of the new value is ≤ 3e-7 — far below the 1e-4 of lr × 0.1.
+      np.testing.assert_allclose(flat_new[path].astype(np.float64) - old, expected, rtol=0, atol=1e-6,
+                                 err_msg=path)
+
+
+def test_best_checkpoint_survives_a_restart_that_re_evaluates_its_step(tmp_path):
+  """Preempted after the best checkpoint of step 4 but before a latest one: the rerun evaluates step 4 again."""
+  state = {"w": jnp.arange(3.0)}
+  checkpoints = train.Checkpoints(str(tmp_path), keep=2)
+  checkpoints.save_latest(2, state)
+  checkpoints.save_best(4, state, {"mIoU": 0.5})
+  checkpoints.save_best(6, state, {"mIoU": 0.25})  # Not better: Orbax drops it again.
+  checkpoints.wait()
+  checkpoints.close()
+  restarted = train.Checkpoints(str(tmp_path), keep=2)
+  assert restarted.latest.latest_step() == 2 and restarted.best.all_steps() == [4]
+  restarted.save_best(4, state, {"mIoU": 0.5})
+  restarted.save_best(6, state, {"mIoU": 0.75})
+  restarted.wait()
+  assert restarted.best.all_steps() == [6]
+  restored = restarted.restore({"w": jnp.zeros(3)}, "best")
+  np.testing.assert_array_equal(restored["w"], [0.0, 1.0, 2.0])
+  restarted.close()
