@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_multi = 0.1                  # Image and text encoders train at learning_rate × lr_multi (CRIS).
   config.weight_decay = 0.0
   config.grad_clip_norm = 0.0            # 0 disables clipping.
+  config.dice_weight = 0.0               # > 0 adds dice_weight × soft Dice to the BCE (beyond the paper: BCE only).
   config.init_from = ""                  # Orbax checkpoint written by `fcnet_jax.tools.convert_clip`.
   config.mask_threshold = 0.35           # On sigmoid probabilities (CRIS).
 

@@ -9,9 +9,9 @@ from configs import tiny
 def get_config():
   config = tiny.get_config()
   m = config.model
-  m.image_size = 64
+  m.image_size = 96
   m.context_length = 12
-  m.vision_width = 16
+  m.vision_width = 8
   m.vision_heads = 8
   m.embed_dim = 64
   m.text_width = 64
@@ -19,7 +19,7 @@ def get_config():
   m.text_heads = 4
   m.neck_dims = (32, 64, 64)
   m.hidden_dim = 64
-  m.num_emphasis = 8
+  m.num_emphasis = 16
   m.attention_heads = 4
   m.decoder_layers = 1
   m.decoder_ffn_dim = 128
@@ -32,13 +32,14 @@ def get_config():
   config.data.synthetic_train_images = 1600  # ~6k training refs: fewer repeats, less overfitting than 400.
   config.batch_size = 32
   config.eval_batch_size = 32
-  config.num_train_steps = 1500
+  config.num_train_steps = 1300
   config.learning_rate = 1e-3
   config.lr_multi = 1.0                  # Encoders train from scratch here.
   config.lr_schedule = "cosine"
-  config.warmup_steps = 200
+  config.warmup_steps = 100
   config.grad_clip_norm = 1.0
+  config.dice_weight = 1.0
   config.log_every_steps = 100
-  config.eval_every_steps = 750
+  config.eval_every_steps = 1300
   config.checkpoint_every_steps = 500
   return config

@@ -276,3 +276,23 @@ def test_config_overrides_from_command_line():
                        cwd=root, capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
   assert "RESULT 8 False 22" in out.stdout, out.stdout + out.stderr
+
+
+def test_mask_loss_is_bce_plus_weighted_dice_over_valid_examples():
+  from fcnet_jax.models import mask_head  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 3, (4, 6, 5)).astype(np.float32)
+  target = (rng.random((4, 6, 5)) > 0.8).astype(np.float32)
+  target[1] = 0  # An empty object.
+  weights = np.array([1, 1, 1, 0], np.float32)  # The last example is padding.
+  prob = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  bce = -(target * np.log(prob) + (1 - target) * np.log(1 - prob)).mean(axis=(1, 2))
+  dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
+  np.testing.assert_allclose(mask_head.dice_loss(logits, target), dice, rtol=1e-5)
+  np.testing.assert_allclose(mask_head.mask_loss(logits, target, weights), bce[:3].mean(), rtol=1e-5)
+  np.testing.assert_allclose(mask_head.mask_loss(logits, target, weights, dice_weight=0.5),
+                             (bce + 0.5 * dice)[:3].mean(), rtol=1e-5)
+  # A confident empty prediction of an empty object costs no Dice; a confident exact prediction almost none.
+  assert float(mask_head.dice_loss(np.full((1, 3, 3), -30.0), np.zeros((1, 3, 3)))[0]) < 1e-6
+  exact = np.where(target[:1] > 0, 30.0, -30.0)
+  assert float(mask_head.dice_loss(exact, target[:1])[0]) < 1e-6

@@ -280,3 +280,21 @@ def test_best_checkpoint_survives_a_restart_that_re_evaluates_its_step(tmp_path)
   restored = restarted.restore({"w": jnp.zeros(3)}, "best")
   np.testing.assert_array_equal(restored["w"], [0.0, 1.0, 2.0])
   restarted.close()
+
+
+def test_shuffled_control_gives_every_example_another_objects_sentence():
+  ref_ids = np.array([7, 7, 7, 3, 3, 9, 9, 9, 5, 7])
+  tokens = np.arange(10)[:, None] * np.ones((1, 4), np.int32)  # Row i holds i: its donor is readable.
+  valid = np.ones(10, bool)
+  valid[-1] = False  # Padding never donates a sentence.
+  batch = {"tokens": tokens, "ref_id": ref_ids, "valid": valid, "image": np.zeros((10, 2, 2, 3), np.uint8)}
+  shuffled = train.shuffle_sentences(batch)
+  donors = shuffled["tokens"][:, 0]
+  assert np.all(ref_ids[donors] != ref_ids)
+  assert np.all(valid[donors])
+  assert len(set(donors.tolist())) > 3  # Drawn across the batch, not one fixed neighbour.
+  np.testing.assert_array_equal(shuffled["image"], batch["image"])
+  np.testing.assert_array_equal(train.shuffle_sentences(batch)["tokens"], shuffled["tokens"])  # Deterministic.
+  # A batch of one object has no wrong sentence to give: every example keeps its own.
+  single = {"tokens": tokens[:3], "ref_id": ref_ids[:3]}
+  np.testing.assert_array_equal(train.shuffle_sentences(single)["tokens"], tokens[:3])
