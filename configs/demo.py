@@ -1,7 +1,13 @@
 """The embedded default: a small, real FCNet (EGM and ECM on) trained on the CPU on synthetic refer-format data.
 
 `python main.py --workdir=/tmp/fcnet_demo` generates the synthetic dataset, converts it with the real converter,
-trains, evaluates and writes overlays, in about 10 minutes on 2 CPU cores.
+trains, evaluates and writes overlays in about 9 minutes on 2 CPU cores (README "The embedded default").
+
+How the settings were chosen (1,000-step runs, one core each, val mIoU; README has the table): on this data the
+model first learns size and colour and only slowly the shape, which needs pixels — 96×96 beats 64×64 by ~1.7× at
+the same step (F_v 6×6 instead of 4×4), and a narrow backbone (vision width 8) pays for it; an added soft-Dice
+term (+0.04) helps more than any of lr 2e-3, no clipping, two decoder layers, N_k 8 vs 16, C = 32, batch 16, a
+foreground-prior logit bias or 128×128, which all land on the same mIoU-per-CPU-second curve.
 """
 from configs import tiny
 
@@ -32,14 +38,14 @@ def get_config():
   config.data.synthetic_train_images = 1600  # ~6k training refs: fewer repeats, less overfitting than 400.
   config.batch_size = 32
   config.eval_batch_size = 32
-  config.num_train_steps = 1300
+  config.num_train_steps = 1500
   config.learning_rate = 1e-3
   config.lr_multi = 1.0                  # Encoders train from scratch here.
   config.lr_schedule = "cosine"
   config.warmup_steps = 100
   config.grad_clip_norm = 1.0
-  config.dice_weight = 1.0
+  config.dice_weight = 1.0              # Beyond the paper (BCE only): +0.04 val mIoU at 1,000 steps here.
   config.log_every_steps = 100
-  config.eval_every_steps = 1300
+  config.eval_every_steps = 1500
   config.checkpoint_every_steps = 500
   return config
