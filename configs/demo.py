@@ -6,8 +6,9 @@ trains, evaluates and writes overlays in about 9 minutes on 2 CPU cores (README 
 How the settings were chosen (1,000-step runs, one core each, val mIoU; README has the table): on this data the
 model first learns size and colour and only slowly the shape, which needs pixels — 96×96 beats 64×64 by ~1.7× at
 the same step (F_v 6×6 instead of 4×4), and a narrow backbone (vision width 8) pays for it; an added soft-Dice
-term (+0.04) helps more than any of lr 2e-3, no clipping, two decoder layers, N_k 8 vs 16, C = 32, batch 16, a
-foreground-prior logit bias or 128×128, which all land on the same mIoU-per-CPU-second curve.
+term (+0.04) helps more than any of lr 2e-3, no clipping, two decoder layers, N_k 8, 16 or 32, 8 heads, C = 32,
+batch 16, a foreground-prior logit bias or 128×128, which all land on the same mIoU-per-CPU-second curve. This
+reaches val mIoU 0.442 (goal 0.5); with `--config.model.use_egm=False` the same run reaches 0.530.
 """
 from configs import tiny
 
