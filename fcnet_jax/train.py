@@ -242,7 +242,7 @@ class Trainer:
     replicated, data = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
     self.train_step = jax.jit(
         functools.partial(train_step, model=self.model, mask_threshold=config.mask_threshold,
-                          dice_weight=config.get("dice_weight", 0.0)),
+                          dice_weight=config.dice_weight),
         in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,))
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, mask_threshold=config.mask_threshold,

@@ -866,7 +866,8 @@ class Benchmark:
     model = model_with_dtype(self.config, dtype)
     batch = self._batch(rng, per_device_batch)
     replicated, data = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
-    step = jax.jit(functools.partial(train.train_step, model=model, mask_threshold=self.config.mask_threshold),
+    step = jax.jit(functools.partial(train.train_step, model=model, mask_threshold=self.config.mask_threshold,
+                                     dice_weight=self.config.dice_weight),
                    in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,))
     result = {"dtype": dtype, "per_device_batch": per_device_batch,
               "global_batch": per_device_batch * self.devices}
