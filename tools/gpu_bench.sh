@@ -5,8 +5,8 @@
 #
 # MODE (each step writes $OUT/<step>.json and $OUT/<step>.log; the JSON is rewritten after every variant, so a
 # step stopped by its time limit keeps what it measured):
-#   targets   (default) R101 in bf16: training at batch 8 and 32 (+ HLO report of batch 32), inference at batch
-#             1 and 32, the bf16 matmul peak — the targets. Four compiles of R101; GPU compile times are
+#   targets   (default) R101 in bf16: training at batch 8 and 32 (+ HLO report and a 3-step profile summary of
+#             batch 32), inference at batch 1 and 32, the bf16 matmul peak — the targets. Four compiles of R101; GPU compile times are
 #             not measured yet (guess: 5–8 min in all), so STEP_LIMIT_S (540 s) stops it inside one device call.
 #   fp32      R101 in fp32: training 8 and 32, inference 1 and 32, the fp32 matmul peak.
 #   diagnose  R101 bf16 at batch 32: per-stage forward and forward+backward times, a 3-step profile summary.
@@ -76,7 +76,8 @@ bench() {  # bench STEP LIMIT_S ARGS... : one benchmark process, its log and JSO
 r101=(--config="${BENCH_CONFIG:-configs/refcoco_r101.py}")
 case "$mode" in
   targets)
-    bench r101_bf16 "$step_limit" "${r101[@]}" --dtypes=bfloat16 --sections=train,infer,matmul --hlo_report
+    bench r101_bf16 "$step_limit" "${r101[@]}" --dtypes=bfloat16 --sections=train,infer,matmul --hlo_report \
+      --profile_dir=/tmp/fcnet_profile --profile_steps=3
     ;;
   fp32)
     bench r101_fp32 "$step_limit" "${r101[@]}" --dtypes=float32 --sections=train,infer,matmul
