@@ -24,12 +24,24 @@ def abstract_variables(model: fcnet.FCNet) -> Any:
 
 
 def forward_flops(model: fcnet.FCNet, variables: Any, batch_size: int = 1) -> float:
-  """FLOPs of one jitted inference forward pass at `batch_size` (XLA cost analysis of the lowered HLO)."""
-  images = jax.ShapeDtypeStruct((batch_size, model.image_size, model.image_size, 3), jnp.float32)
-  tokens = jax.ShapeDtypeStruct((batch_size, model.context_length), jnp.int32)
+  """FLOPs of one jitted inference forward pass at `batch_size` (XLA cost analysis of the lowered HLO).
+
+  Lowered for the CPU backend where there is one: the count is then the same on every machine, and GPU backends
+  (jax 0.11) give no cost analysis of a lowered, not yet compiled, computation.
+  """
+  try:
+    target = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  except RuntimeError:  # No CPU backend (JAX_PLATFORMS excludes it): the default device's analysis.
+    target = None
+  abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=target)
+  images = abstract((batch_size, model.image_size, model.image_size, 3), jnp.float32)
+  tokens = abstract((batch_size, model.context_length), jnp.int32)
+  variables = jax.tree.map(lambda x: abstract(x.shape, x.dtype), variables)
   lowered = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False)).lower(variables, images, tokens)
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost or "flops" not in cost:
+    raise RuntimeError("XLA gave no cost analysis (FLOPs) of the forward pass")
   return float(cost["flops"])
 
 
