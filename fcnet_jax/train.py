@@ -36,6 +36,14 @@ class TrainState(flax_train_state.TrainState):
   batch_stats: Any
   dropout_rng: jax.Array
 
+  def for_inference(self) -> "TrainState":
+    """The state without the optimiser's moments: all that prediction and evaluation read.
+
+    A jitted call flattens every leaf of its arguments on the host, used or not (~0.4 µs each); dropping Adam's
+    two moments cuts an R101 state from ~2,300 leaves to ~800, about 0.6 ms per batch-1 inference call.
+    """
+    return self.replace(opt_state=None)
+
 
 # ----------------------------------------------------------------------------------------------------- schedule
 
@@ -269,6 +277,7 @@ class Trainer:
                num_overlays: int = 0) -> Tuple[Dict[str, float], Optional[np.ndarray]]:
     """Metrics over every batch of an evaluation split, and overlays of the first examples."""
     metrics, overlays = None, None
+    state = state.for_inference()
     with _use_mesh(self.mesh):
       for batch in batches:
         if sentences_shuffled:

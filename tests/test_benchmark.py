@@ -163,8 +163,10 @@ def test_hlo_and_profile_diagnostics(tiny_run):
   # NHWC activations: every forward and input-gradient convolution is b01f (B, H, W, C) in and out.
   layouts = hlo["lowered"]["convolution_layouts"]
   assert all(k.startswith("b01f") or k == "f01b_i01o->01bf" for k in layouts), layouts
-  profile = diagnostics["profile"]
-  assert profile["total_ms"] > 0 and profile["top_ops"]
+  for name, variant in (("profile", "float32:8"), ("profile_infer", "float32:1")):
+    profile = diagnostics[name]
+    assert profile["variant"] == variant and profile["total_ms"] > 0 and profile["top_ops"]
+    assert profile["ops_per_step"] >= 1 and 0 < profile["busy_fraction"]
 
 
 def test_end_to_end_time(tiny_run):
@@ -314,8 +316,13 @@ def test_resolve_settings_defaults_and_errors():
     benchmark.resolve_settings(config, "cpu", train_batch_sizes="8,x")
   with pytest.raises(ValueError, match="--diagnose_variant"):
     benchmark.resolve_settings(config, "cpu", diagnose_variant="float32:32")
+  assert gpu.profile_infer_variant is None
   with pytest.raises(ValueError, match="add 'train'"):
     benchmark.resolve_settings(config, "cpu", sections="infer", hlo_report=True)
+  with pytest.raises(ValueError, match="--profile_dir"):
+    benchmark.resolve_settings(config, "cpu", sections="matmul", profile_dir="/tmp/p")
+  infer_only = benchmark.resolve_settings(config, "gpu", sections="infer", profile_dir="/tmp/p")
+  assert infer_only.diagnose_variant is None and infer_only.profile_infer_variant == ("bfloat16", 1)
 
 
 def test_synthetic_batch_looks_like_the_pipeline():

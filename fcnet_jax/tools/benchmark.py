@@ -16,7 +16,8 @@ Sections (--sections, comma-separated):
            encoder, neck+EGM+ECM ("fusion"), decoder, mask head (and the Adam update), each jitted separately.
 Diagnostics of one train variant (--diagnose_variant): --hlo_report counts fusions, transposes, convolution
 layouts and dtypes, attention kernels, host transfers and donation in the compiled HLO; --profile_dir traces a
-few steps with `jax.profiler.trace` and summarises where device time goes.
+few steps with `jax.profiler.trace` and summarises where device time goes, and does the same for the smallest
+inference batch (ops per call and the device's busy fraction tell launch-bound from compute-bound).
 
 Timing: compile and warm-up calls are excluded; each repeat issues calls back to back and waits for the results
 with `block_until_ready`; numbers are medians over repeats. Utilisation = achieved FLOP/s ÷ the measured matmul
@@ -78,6 +79,7 @@ class Settings:
   stage_batch_size: int
   stage_modes: Tuple[str, ...]
   diagnose_variant: Optional[Tuple[str, int]]
+  profile_infer_variant: Optional[Tuple[str, int]]
   hlo_report: bool
   hlo_dump_dir: str
   profile_dir: str
@@ -133,16 +135,22 @@ def resolve_settings(config: ml_collections.ConfigDict, platform: str, *, sectio
       raise ValueError(f"--diagnose_variant={diagnose_variant!r}: expected DTYPE:BATCH among the train variants "
                        f"{[f'{d}:{b}' for d in dtype_list for b in train_sizes]}")
     diagnose = (match.group(1), int(match.group(2)))
-  elif hlo_report or profile_dir:
+  elif (hlo_report or profile_dir) and "train" in section_list:
     diagnose = (dtype_list[0], max(train_sizes))
-  if (hlo_report or profile_dir) and "train" not in section_list:
-    raise ValueError("--hlo_report/--profile_dir diagnose a train variant: add 'train' to --sections")
+  if hlo_report and "train" not in section_list:
+    raise ValueError("--hlo_report diagnoses a train variant: add 'train' to --sections")
+  if profile_dir and not {"train", "infer"} & set(section_list):
+    raise ValueError("--profile_dir traces the diagnosed train variant and the smallest inference batch: add "
+                     "'train' or 'infer' to --sections")
+  # The latency-critical inference variant (batch 1 by default) is traced too: its time is launch-bound.
+  profile_infer = (dtype_list[0], min(infer_sizes)) if profile_dir and "infer" in section_list else None
   return Settings(
       sections=section_list, dtypes=dtype_list, train_batch_sizes=train_sizes, infer_batch_sizes=infer_sizes,
       repeats=repeats or defaults["repeats"], calls_per_repeat=calls_per_repeat or defaults["calls_per_repeat"],
       warmup=warmup, latency_repeats=latency_repeats or defaults["latency_repeats"],
       matmul_size=matmul_size or defaults["matmul_size"], stage_batch_size=stage_batch_size or max(infer_sizes),
       stage_modes=names("stage_modes", stage_modes, STAGE_MODES), diagnose_variant=diagnose,
+      profile_infer_variant=profile_infer,
       hlo_report=hlo_report, hlo_dump_dir=hlo_dump_dir, profile_dir=profile_dir, profile_steps=profile_steps,
       compile_only=compile_only, seed=seed)
 
@@ -623,7 +631,7 @@ PROFILE_CATEGORIES = (  # First match wins: cuDNN convolutions are implicit GEMM
     ("transpose/copy", r"nchwtonhwc|nhwctonchw|transpose|copy|memcpy|memset"),
     ("attention", r"fmha|flash|attention|softmax"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|cudnn"),
-    ("matmul", r"gemm|matmul|\bdot|cublas|xmma|cutlass|wgmma|triton"),
+    ("matmul", r"gemm|matmul|\bdot|cublas|nvjet|xmma|cutlass|wgmma|triton"),
     ("collective", r"nccl|all-reduce|all_reduce|allreduce|all-gather"),
     ("reduction", r"reduce"),
     ("elementwise fusion", r"fusion|loop|elementwise"),
@@ -716,7 +724,7 @@ def summarize_profile(trace_dir: str, steps: int, hlo_text: str = "", top: int =
   ranked = sorted(ops.items(), key=lambda item: -item[1][0])[:top]
   result = {
       "file": files[-1], "source": source, "steps": steps, "total_ms": total_ms,
-      "per_step_ms": total_ms / max(steps, 1),
+      "per_step_ms": total_ms / max(steps, 1), "ops_per_step": sum(n for _, n in ops.values()) / max(steps, 1),
       "categories_ms_per_step": {k: v / max(steps, 1) for k, v in
                                  sorted(categories.items(), key=lambda item: -item[1])},
       "top_ops": [{"name": name[:120], "category": names.get(_hlo_name(name), categorize(name)),
@@ -837,6 +845,7 @@ class Benchmark:
   def run_infer(self, state: train.TrainState, dtype: str, per_device_batch: int, rng):
     s = self.settings
     model = model_with_dtype(self.config, dtype)
+    state = state.for_inference()  # What Trainer.evaluate passes too: no optimiser moments to flatten per call.
     batch = self._batch(rng, per_device_batch)
     predict = jax.jit(functools.partial(train.predict_step, model=model),
                       in_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)),
@@ -846,16 +855,21 @@ class Benchmark:
     with _mesh_context(self.mesh):
       compiled = self._compile(predict, (state, batch), result)
     if not s.compile_only:
+      call = lambda: compiled(state, batch)
       with _mesh_context(self.mesh):
         for _ in range(max(s.warmup, 1)):
-          jax.block_until_ready(compiled(state, batch))
-        throughput = timing_stats(time_calls(lambda: compiled(state, batch), s.repeats, s.calls_per_repeat))
-        latency = timing_stats(time_latency(lambda: compiled(state, batch), s.latency_repeats))
+          jax.block_until_ready(call())
+        throughput = timing_stats(time_calls(call, s.repeats, s.calls_per_repeat))
+        latency = timing_stats(time_latency(call, s.latency_repeats))
       result.update({
           "call_s": throughput, "images_per_s": result["global_batch"] / throughput["median_s"],
           "latency_ms_median": latency["median_s"] * 1e3, "latency_ms_p90": latency["p90_s"] * 1e3,
           "latency_ms_min": latency["min_s"] * 1e3})
       result["achieved_tflops"] = self.forward_flops * result["images_per_s"] / 1e12
+      if s.profile_dir and s.profile_infer_variant == (dtype, per_device_batch):
+        with _mesh_context(self.mesh):
+          self._diagnostic("profile_infer", lambda: self.profile(call, compiled, result, "profile_infer",
+                                                                 result["call_s"]["median_s"]))
     result["memory"] = memory_in_use()
     self.results["inference"].append(result)
     self.log(_variant_line("infer", result))
@@ -900,7 +914,8 @@ class Benchmark:
       result["achieved_tflops"] = 3 * self.forward_flops * result["images_per_s"] / 1e12
       result["memory"] = memory_in_use()
       if diagnose and s.profile_dir:
-        self._diagnostic("profile", lambda: self.profile(call, compiled, result))
+        self._diagnostic("profile", lambda: self.profile(call, compiled, result, "profile",
+                                                         result["step_s"]["median_s"]))
     self.results["train"].append(result)
     self.log(_variant_line("train", result))
     del batch
@@ -942,17 +957,25 @@ class Benchmark:
           f.write(text)
     self.save()
 
-  def profile(self, call: Callable[[], Any], compiled, result: Dict[str, Any]):
+  def profile(self, call: Callable[[], Any], compiled, result: Dict[str, Any], name: str, timed_s: float):
+    """Traces `profile_steps` calls into <profile_dir>/<name> and keeps the summary as diagnostics[name].
+
+    `busy_fraction` (device time of the ops / the timed call) well below 1 with many ops per step means the
+    call is bound by launching kernels (host), not by the device's arithmetic or memory.
+    """
     s = self.settings
+    trace_dir = os.path.join(s.profile_dir, name)
     jax.block_until_ready(call())
-    with jax.profiler.trace(s.profile_dir):
+    with jax.profiler.trace(trace_dir):
       outputs = [call() for _ in range(s.profile_steps)]
       jax.block_until_ready(outputs)
-    hlo_text = self._compiled_text or compiled.as_text()
-    summary_ = summarize_profile(s.profile_dir, s.profile_steps, hlo_text)
+    hlo_text = (self._compiled_text if name == "profile" else None) or compiled.as_text()
+    summary_ = summarize_profile(trace_dir, s.profile_steps, hlo_text)
     summary_["variant"] = f"{result['dtype']}:{result['per_device_batch']}"
-    summary_["timed_step_ms"] = result["step_s"]["median_s"] * 1e3
-    self.results["diagnostics"]["profile"] = summary_
+    summary_["timed_step_ms"] = timed_s * 1e3
+    if summary_.get("per_step_ms"):
+      summary_["busy_fraction"] = summary_["per_step_ms"] / summary_["timed_step_ms"]
+    self.results["diagnostics"][name] = summary_
 
   def run_matmul(self, dtype: str):
     s = self.settings
@@ -1163,10 +1186,14 @@ def format_table(results: Mapping[str, Any]) -> str:
                  f"copies ({c['transpose_copy_gib']:.2f} GiB), attention: {c['attention_implementation']}, "
                  f"host transfers {len(c['host_transfers'])}, aliased outputs {c['input_output_aliases']}/"
                  f"{hlo['state_leaves']} state leaves")
-  profile = (results.get("diagnostics") or {}).get("profile")
-  if profile and "categories_ms_per_step" in profile:
-    lines.append(f"profile ({profile['variant']}, {profile['per_step_ms']:.2f} ms/step traced): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in list(profile["categories_ms_per_step"].items())[:6]))
+  for key, what in (("profile", "train"), ("profile_infer", "infer")):
+    profile = (results.get("diagnostics") or {}).get(key)
+    if profile and "categories_ms_per_step" in profile:
+      busy = (f", {profile['ops_per_step']:.0f} ops, device busy {100 * profile['busy_fraction']:.0f}% of "
+              f"{profile['timed_step_ms']:.2f} ms" if profile.get("busy_fraction") and "ops_per_step" in profile
+              else "")
+      lines.append(f"profile {what} ({profile['variant']}, {profile['per_step_ms']:.2f} ms/step on device{busy}): "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in list(profile["categories_ms_per_step"].items())[:6]))
   if str(results.get("config", "")).startswith("refcoco_r101"):
     for c in check_targets(results):
       verdict = {True: "met", False: "MISSED", None: "not measured"}[c["met"]]
@@ -1201,8 +1228,9 @@ def define_flags():
                       "the first dtype at the largest batch.")
   flags.DEFINE_bool("hlo_report", False, "Analyse the lowered and compiled HLO of the diagnosed train variant.")
   flags.DEFINE_string("hlo_dump_dir", "", "Also write that variant's HLO texts here.")
-  flags.DEFINE_string("profile_dir", "", "Trace --profile_steps steps of the diagnosed train variant here and "
-                      "summarise the device time.")
+  flags.DEFINE_string("profile_dir", "", "Trace --profile_steps steps of the diagnosed train variant and of the "
+                      "smallest inference batch here (subfolders profile/, profile_infer/) and summarise the "
+                      "device time.")
   flags.DEFINE_integer("profile_steps", 3, "Steps inside the profiler trace.")
   flags.DEFINE_bool("compile_only", False, "Lower and compile only (compile time, XLA memory, HLO report).")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and batches.")
