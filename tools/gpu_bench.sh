@@ -6,8 +6,8 @@
 # MODE (each step writes $OUT/<step>.json and $OUT/<step>.log; the JSON is rewritten after every variant, so a
 # step stopped by its time limit keeps what it measured):
 #   targets   (default) R101 in bf16: training at batch 8 and 32 (+ HLO report and a 3-step profile summary of
-#             batch 32), inference at batch 1 and 32, the bf16 matmul peak — the targets. Four compiles of R101; GPU compile times are
-#             not measured yet (guess: 5–8 min in all), so STEP_LIMIT_S (540 s) stops it inside one device call.
+#             batch 32), inference at batch 1 (+ profile) and 32, the bf16 matmul peak — the targets. Four
+#             compiles of R101: 292 s in all on an H200 (2026-11-26); STEP_LIMIT_S (540 s) keeps it inside one call.
 #   fp32      R101 in fp32: training 8 and 32, inference 1 and 32, the fp32 matmul peak.
 #   diagnose  R101 bf16 at batch 32: per-stage forward and forward+backward times, a 3-step profile summary.
 #   all       tiny with its full matrix, then R101 with everything above in one process (~15 min or more).
@@ -43,7 +43,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="/tmp/fcnet_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if [[ -z "${FCNET_COMMIT:-}" ]]; then
-  FCNET_COMMIT="$(git rev-parse HEAD 2>/dev/null || cat .whl/COMMIT 2>/dev/null || true)"
+  # .whl/COMMIT first: the device tool's copy of the tree can carry a .git of an older commit.
+  FCNET_COMMIT="$(cat .whl/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || true)"
   export FCNET_COMMIT
 fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3

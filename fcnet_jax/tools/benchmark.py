@@ -296,13 +296,17 @@ def cost_flops(lowered_or_compiled: Any) -> Optional[float]:
 
 
 def git_commit(path: str) -> Dict[str, Any]:
-  """HEAD of the repository holding `path` and whether the tree has changes (None where git is unavailable)."""
+  """The commit measured: $FCNET_COMMIT where set (a copied tree, e.g. on a lent machine, can hold a stale .git),
+  else HEAD of the repository holding `path` and whether the tree has changes (None where git is unavailable)."""
+  declared = os.environ.get("FCNET_COMMIT")
+  if declared:
+    return {"commit": declared, "dirty": None, "commit_source": "FCNET_COMMIT"}
   def git(*args):
     return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=20, check=True).stdout
   try:
     return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
   except Exception:  # pylint: disable=broad-except
-    return {"commit": os.environ.get("FCNET_COMMIT"), "dirty": None}
+    return {"commit": None, "dirty": None}
 
 
 # ----------------------------------------------------------------------------------------------------- matmul
