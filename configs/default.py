@@ -21,6 +21,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.text_width = 512
   m.text_layers = 12
   m.text_heads = 8
+  m.text_embed_init_std = 0.02  # (choice) Token-embedding init (CLIP); matters only for a text encoder from scratch.
   # FCNet.
   m.neck_dims = (256, 512, 1024)  # CRIS FPN widths.
   m.hidden_dim = 512            # C.
@@ -32,6 +33,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.use_egm = True              # False: decoder cross-attends to the word features (CRIS-like baseline).
   m.use_ecm = True              # False: F_c = F_e.
   m.egm_layernorm = True        # (choice) LayerNorm on the emphasis features F_e.
+  m.egm_heads = 0               # (choice) EGM cross-attention heads; 0: attention_heads.
+  m.egm_query_init_scale = 1.0  # (choice) × the LeCun init of the EGM query projection (sharper attention at init).
   m.calibration_gate = "none"   # (choice) α as plain scalars ("none"), "sigmoid" or "softmax" over N_k.
   m.freeze_backbone_bn = False  # (choice) True: backbone BatchNorm always uses running statistics.
   m.dtype = "bfloat16"          # Compute dtype; parameters are always float32.

@@ -53,6 +53,7 @@ def abstract_init(model, batch=2):
 @pytest.mark.parametrize("overrides", [
     {}, {"num_emphasis": 1}, {"num_emphasis": 16}, {"use_egm": False}, {"use_ecm": False},
     {"egm_layernorm": False}, {"calibration_gate": "sigmoid"}, {"calibration_gate": "softmax"},
+    {"egm_heads": 2, "egm_query_init_scale": 4.0, "text_embed_init_std": 1.0},
 ])
 def test_intermediate_shapes(overrides):
   model = tiny_model(**overrides)
@@ -125,6 +126,26 @@ def test_every_parameter_gets_gradient(overrides):
     # The CRIS-like baseline reads only the words; the sentence feature (EOS · text_projection) feeds the ECM.
     dead.remove("text_encoder/text_projection")
   assert not dead, f"parameters without gradient: {dead}"
+
+
+def test_init_scales_multiply_the_default_init():
+  # egm_query_init_scale and text_embed_init_std rescale the same draws: the defaults keep the previous init.
+  shapes = lambda model: jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                                        jnp.zeros((1, model.image_size, model.image_size, 3)),
+                                        jnp.zeros((1, model.context_length), jnp.int32))
+  base_model, scaled_model = tiny_model(), tiny_model(egm_query_init_scale=4.0, text_embed_init_std=0.1)
+  assert jax.tree.map(lambda x: x.shape, shapes(base_model)) == jax.tree.map(lambda x: x.shape, shapes(scaled_model))
+  base, _, _ = init(base_model)
+  scaled, _, _ = init(scaled_model)
+  flat = lambda v: flax.traverse_util.flatten_dict(v["params"], sep="/")
+  base, scaled = flat(base), flat(scaled)
+  query = "emphasis_generation/cross_attn/query/kernel"
+  embed = "text_encoder/token_embedding/embedding"
+  np.testing.assert_allclose(scaled[query], 4.0 * base[query], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(scaled[embed], 5.0 * base[embed], rtol=1e-5, atol=1e-7)
+  for name in base:
+    if name not in (query, embed):
+      np.testing.assert_array_equal(scaled[name], base[name], err_msg=name)
 
 
 def test_padding_after_eos_leaves_outputs_unchanged():
@@ -213,6 +234,10 @@ def test_bad_config_fields_are_named():
   cfg = tiny.get_config().model
   cfg.calibration_gate = "tanh"
   with pytest.raises(ValueError, match="calibration_gate"):
+    fcnet.build_model(cfg)
+  cfg = tiny.get_config().model
+  cfg.egm_heads = 3
+  with pytest.raises(ValueError, match="config.model.egm_heads=3"):
     fcnet.build_model(cfg)
 
 

@@ -23,11 +23,13 @@ class EmphasisGeneration(nn.Module):
     hidden_dim: C.
     num_heads: cross-attention heads.
     layernorm: LayerNorm on F_e (config `egm_layernorm`).
+    query_init_scale: init scale of the H_v·W_v → C query projection (config `egm_query_init_scale`).
   """
   num_emphasis: int
   hidden_dim: int
   num_heads: int
   layernorm: bool = True
+  query_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -36,7 +38,8 @@ class EmphasisGeneration(nn.Module):
     f_vk = layers.ConvBN(self.num_emphasis, 3, dtype=self.dtype, name="key_vision")(f_v, train)
     b, h, w, n_k = f_vk.shape
     key_vision = f_vk.reshape(b, h * w, n_k).transpose(0, 2, 1)  # F'_vk: B×N_k×(H_v·W_v)
-    f_e = layers.MultiHeadAttention(self.num_heads, self.hidden_dim, dtype=self.dtype, name="cross_attn")(
+    f_e = layers.MultiHeadAttention(self.num_heads, self.hidden_dim, query_init_scale=self.query_init_scale,
+                                     dtype=self.dtype, name="cross_attn")(
         key_vision, f_t, f_t, key_mask=text_mask)
     if self.layernorm:
       f_e = layers.LayerNorm(dtype=self.dtype, name="norm")(f_e)

@@ -37,6 +37,7 @@ class FCNet(nn.Module):
   text_width: int = 512
   text_layers: int = 12
   text_heads: int = 8
+  text_embed_init_std: float = 0.02
   neck_dims: Sequence[int] = (256, 512, 1024)
   hidden_dim: int = 512
   num_emphasis: int = 16
@@ -47,6 +48,8 @@ class FCNet(nn.Module):
   use_egm: bool = True
   use_ecm: bool = True
   egm_layernorm: bool = True
+  egm_query_init_scale: float = 1.0
+  egm_heads: int = 0
   calibration_gate: str = "none"
   freeze_backbone_bn: bool = False
   dtype: str = "bfloat16"
@@ -58,11 +61,12 @@ class FCNet(nn.Module):
         frozen_bn=self.freeze_backbone_bn, dtype=dtype)
     self.text_encoder = text_encoder.TextTransformer(
         self.context_length, self.vocab_size, self.text_width, self.text_layers, self.text_heads, self.embed_dim,
-        dtype=dtype)
+        embed_init_std=self.text_embed_init_std, dtype=dtype)
     self.neck = neck.VisionNeck(tuple(self.neck_dims), self.hidden_dim, dtype=dtype)
     if self.use_egm:
       self.emphasis_generation = emphasis.EmphasisGeneration(
-          self.num_emphasis, self.hidden_dim, self.attention_heads, layernorm=self.egm_layernorm, dtype=dtype)
+          self.num_emphasis, self.hidden_dim, self.egm_heads or self.attention_heads, layernorm=self.egm_layernorm,
+          query_init_scale=self.egm_query_init_scale, dtype=dtype)
       if self.use_ecm:
         self.text_global_proj = nn.Dense(self.hidden_dim, dtype=dtype)  # F_tg = Linear(EOS · text_projection).
         self.emphasis_calibration = emphasis.EmphasisCalibration(self.attention_heads, self.calibration_gate,
@@ -131,6 +135,8 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
     fail("calibration_gate", f"expected one of {emphasis.CALIBRATION_GATES}")
   if cfg["num_emphasis"] < 1:
     fail("num_emphasis", "must be ≥ 1")
+  if cfg["egm_heads"] < 0 or (cfg["egm_heads"] and cfg["hidden_dim"] % cfg["egm_heads"]):
+    fail("egm_heads", "must be 0 (attention_heads) or a divisor of hidden_dim")
   if not 2 <= cfg["context_length"] <= 77:
     fail("context_length", "must be in [2, 77] (CLIP has 77 positions)")
   if len(cfg["vision_layers"]) != 4:

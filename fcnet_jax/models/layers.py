@@ -63,11 +63,13 @@ class MultiHeadAttention(nn.Module):
     features: width of the projected q/k/v.
     out_features: width of the output projection (defaults to `features`).
     out_name: parameter name of the output projection ("out"; "c_proj" in CLIP's attention pool).
+    query_init_scale: the query projection's LeCun-normal init is multiplied by this (1.0: the default init).
   """
   num_heads: int
   features: int
   out_features: Optional[int] = None
   out_name: str = "out"
+  query_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -84,7 +86,8 @@ class MultiHeadAttention(nn.Module):
     dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype)
     q_in = queries if query_pos is None else queries + query_pos
     k_in = keys if key_pos is None else keys + key_pos
-    q = dense(name="query")(q_in)
+    q_init = nn.initializers.variance_scaling(self.query_init_scale ** 2, "fan_in", "truncated_normal")
+    q = dense(name="query", kernel_init=q_init)(q_in)
     k = dense(name="key")(k_in)
     v = dense(name="value")(values)
     mask = None if key_mask is None else key_mask[:, None, None, :]

@@ -35,6 +35,7 @@ class TextTransformer(nn.Module):
     vocab_size: 49408.
     width, num_layers, num_heads: 512, 12, 8 in CLIP.
     embed_dim: width of `text_projection`'s output (512 RN101, 1024 RN50).
+    embed_init_std: std of the token-embedding init (CLIP: 0.02).
   """
   context_length: int
   vocab_size: int
@@ -42,6 +43,7 @@ class TextTransformer(nn.Module):
   num_layers: int
   num_heads: int
   embed_dim: int
+  embed_init_std: float = 0.02
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -58,7 +60,7 @@ class TextTransformer(nn.Module):
     if length != self.context_length:
       raise ValueError(f"tokens have length {length} but the text encoder is built for "
                        f"context_length={self.context_length} (config.model.context_length)")
-    embed = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+    embed = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(self.embed_init_std),
                      name="token_embedding")
     pos = self.param("positional_embedding", nn.initializers.normal(0.01), (self.context_length, self.width))
     x = (embed(tokens) + pos).astype(self.dtype)
