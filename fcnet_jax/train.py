@@ -238,6 +238,17 @@ def shuffle_sentences(batch: Batch, seed: int = 0) -> Batch:
 # ----------------------------------------------------------------------------------------------------- loop
 
 
+def jit_train_step(config: ml_collections.ConfigDict, model: fcnet.FCNet, mesh: jax.sharding.Mesh):
+  """`train_step` with the config's loss settings, jitted over `mesh`: batch sharded, state replicated and donated.
+
+  The one definition of the step that `Trainer` runs and `tools.benchmark` times.
+  """
+  replicated, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(functools.partial(train_step, model=model, mask_threshold=config.mask_threshold,
+                                   dice_weight=config.dice_weight),
+                 in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
 class Trainer:
   """The jitted, sharded steps of one configuration on one mesh."""
 
@@ -248,10 +259,7 @@ class Trainer:
     self.learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
     self.tx = create_optimizer(config, self.learning_rate_fn)
     replicated, data = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
-    self.train_step = jax.jit(
-        functools.partial(train_step, model=self.model, mask_threshold=config.mask_threshold,
-                          dice_weight=config.dice_weight),
-        in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,))
+    self.train_step = jit_train_step(config, self.model, self.mesh)
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, mask_threshold=config.mask_threshold,
                           canvas=config.data.eval_canvas),

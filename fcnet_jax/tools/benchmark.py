@@ -883,10 +883,7 @@ class Benchmark:
     s = self.settings
     model = model_with_dtype(self.config, dtype)
     batch = self._batch(rng, per_device_batch)
-    replicated, data = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
-    step = jax.jit(functools.partial(train.train_step, model=model, mask_threshold=self.config.mask_threshold,
-                                     dice_weight=self.config.dice_weight),
-                   in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,))
+    step = train.jit_train_step(self.config, model, self.mesh)
     result = {"dtype": dtype, "per_device_batch": per_device_batch,
               "global_batch": per_device_batch * self.devices}
     result["memory_before"] = memory_in_use()
@@ -919,7 +916,7 @@ class Benchmark:
       result["memory"] = memory_in_use()
       if diagnose and s.profile_dir:
         self._diagnostic("profile", lambda: self.profile(call, compiled, result, "profile",
-                                                         result["step_s"]["median_s"]))
+                                                         result["step_s"]["median_s"], self._compiled_text))
     self.results["train"].append(result)
     self.log(_variant_line("train", result))
     del batch
@@ -961,7 +958,8 @@ class Benchmark:
           f.write(text)
     self.save()
 
-  def profile(self, call: Callable[[], Any], compiled, result: Dict[str, Any], name: str, timed_s: float):
+  def profile(self, call: Callable[[], Any], compiled, result: Dict[str, Any], name: str, timed_s: float,
+              hlo_text: Optional[str] = None):
     """Traces `profile_steps` calls into <profile_dir>/<name> and keeps the summary as diagnostics[name].
 
     `busy_fraction` (device time of the ops / the timed call) well below 1 with many ops per step means the
@@ -973,7 +971,7 @@ class Benchmark:
     with jax.profiler.trace(trace_dir):
       outputs = [call() for _ in range(s.profile_steps)]
       jax.block_until_ready(outputs)
-    hlo_text = (self._compiled_text if name == "profile" else None) or compiled.as_text()
+    hlo_text = hlo_text or compiled.as_text()  # The HLO report's text of this variant, where it made one.
     summary_ = summarize_profile(trace_dir, s.profile_steps, hlo_text)
     summary_["variant"] = f"{result['dtype']}:{result['per_device_batch']}"
     summary_["timed_step_ms"] = timed_s * 1e3
