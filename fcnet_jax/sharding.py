@@ -24,8 +24,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def use_mesh(mesh: Mesh):
+  """The mesh as the context of jitted code (`jax.set_mesh`, jax ≥ 0.7; the Mesh itself on older versions)."""
+  return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> Mapping[str, jax.Array]:
@@ -51,7 +56,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   to the global array instead.
   """
   if jax.process_count() == 1:
-    return jax.device_put(tree, replicated(mesh))
+    return jax.device_put(tree, replicated_sharding(mesh))
   # Python scalars (TrainState.step starts as int 0) become arrays first; typed PRNG keys stay keys.
   tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), tree)
   return multihost_utils.host_local_array_to_global_array(tree, mesh, P())

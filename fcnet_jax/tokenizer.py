@@ -28,10 +28,7 @@ import html
 import importlib.resources
 from typing import Dict, List, Sequence, Tuple, Union
 
-import ftfy
 import numpy as np
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
 
 VOCAB_RESOURCE = "assets/bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merges of the file.
@@ -89,12 +86,16 @@ def clip_vocabulary(merges: Sequence[Tuple[str, str]]) -> Dict[str, int]:
 
 
 @functools.lru_cache(maxsize=1)
-def clip_bpe() -> tokenizers.Tokenizer:
+def clip_bpe() -> "tokenizers.Tokenizer":
   """The `tokenizers` pipeline of steps 2-3 (pre-tokenization + BPE); cleaning happens in `clean_text`.
 
   Built once per process (~0.3 s) and shared; it is never mutated (no padding/truncation state), so sharing
   is safe. Special tokens are deliberately not registered: text is always encoded literally.
   """
+  # Imported here so that the token-id constants above load without the tokenizer libraries (the GPU benchmark
+  # machine, the input pipeline's readers).
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   merges = _read_merges()
   bpe = models.BPE(vocab=clip_vocabulary(merges), merges=merges, end_of_word_suffix="</w>",
                    continuing_subword_prefix="", fuse_unk=False, ignore_merges=False)
@@ -112,6 +113,7 @@ def clean_text(text: str) -> str:
   # ftfy costs about as much as the BPE itself; printable ASCII without '&' (most referring expressions) has
   # nothing for ftfy or html.unescape to change, so skip them there.
   if not (text.isascii() and text.isprintable() and "&" not in text):
+    import ftfy  # pylint: disable=g-import-not-at-top
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
   text = " ".join(text.split()).lower()  # str.split(): every unicode whitespace run, as the reference.
   return text.replace(_DROPPED_LIKE_SPACE, " ")

@@ -243,7 +243,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: fcnet.FCNet, mesh: 
 
   The one definition of the step that `Trainer` runs and `tools.benchmark` times.
   """
-  replicated, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  replicated, data = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
   return jax.jit(functools.partial(train_step, model=model, mask_threshold=config.mask_threshold,
                                    dice_weight=config.dice_weight),
                  in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,))
@@ -258,7 +258,7 @@ class Trainer:
     self.mesh = sharding.create_mesh()
     self.learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
     self.tx = create_optimizer(config, self.learning_rate_fn)
-    replicated, data = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
+    replicated, data = sharding.replicated_sharding(self.mesh), sharding.batch_sharding(self.mesh)
     self.train_step = jit_train_step(config, self.model, self.mesh)
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, mask_threshold=config.mask_threshold,
@@ -286,7 +286,7 @@ class Trainer:
     """Metrics over every batch of an evaluation split, and overlays of the first examples."""
     metrics, overlays = None, None
     state = state.for_inference()
-    with _use_mesh(self.mesh):
+    with sharding.use_mesh(self.mesh):
       for batch in batches:
         if sentences_shuffled:
           batch = shuffle_sentences(batch)
@@ -299,11 +299,6 @@ class Trainer:
     if metrics is None:
       raise ValueError("the evaluation split yielded no batches")
     return metrics.compute(), overlays
-
-
-def _use_mesh(mesh):
-  # jax.set_mesh (jax ≥ 0.7) makes the mesh the context for shardings created inside jitted code.
-  return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
 
 
 def make_overlays(batch: Batch, prob: np.ndarray, threshold: float, count: int) -> np.ndarray:
@@ -436,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           profile_duration_ms=None))
   train_metrics, last_eval, t0 = None, {}, time.time()
   train_iter = data.train(start_step)
-  with _use_mesh(trainer.mesh):
+  with sharding.use_mesh(trainer.mesh):
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = sharding.global_batch(next(train_iter), trainer.mesh)

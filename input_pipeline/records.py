@@ -25,9 +25,10 @@ from typing import Dict
 
 import numpy as np
 
+from fcnet_jax.tokenizer import EOT_TOKEN
+
 SUMMARY_FILE = "summary.json"
 STORED_CONTEXT_LENGTH = 77  # CLIP's full context; the configured L (17/22) is cut at read time.
-EOT_TOKEN = 49407
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:

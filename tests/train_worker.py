@@ -216,7 +216,7 @@ def _sharded_step(args, config) -> None:
   trainer = train.Trainer(config, steps_per_epoch, total_steps)
   state = trainer.initial_state()
   batch = sharding.global_batch(next(_global_batches(config, 0)), trainer.mesh)
-  with train._use_mesh(trainer.mesh):  # pylint: disable=protected-access
+  with sharding.use_mesh(trainer.mesh):  # pylint: disable=protected-access
     state, metrics = trainer.train_step(state, batch)
   np.savez(os.path.join(args.out, "state.npz"), **flat_state(state))
   _write_json(os.path.join(args.out, "result.json"), {

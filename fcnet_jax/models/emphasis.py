@@ -8,7 +8,12 @@ import jax.numpy as jnp
 from fcnet_jax.models import layers
 
 Dtype = Any
-CALIBRATION_GATES = ("none", "sigmoid", "softmax")
+# How α gates the emphasis features: plain scalars (the paper), a sigmoid, or a softmax over the N_k tokens.
+CALIBRATION_GATES = {
+    "none": lambda alpha: alpha,
+    "sigmoid": jax.nn.sigmoid,
+    "softmax": lambda alpha: jax.nn.softmax(alpha.astype(jnp.float32), axis=-1).astype(alpha.dtype),
+}
 
 
 class EmphasisGeneration(nn.Module):
@@ -62,15 +67,10 @@ class EmphasisCalibration(nn.Module):
   @nn.compact
   def __call__(self, f_e: jax.Array, f_tg: jax.Array) -> jax.Array:
     """F_e B×N_k×C, F_tg B×C → F_c B×N_k×C."""
-    if self.gate not in CALIBRATION_GATES:
-      raise ValueError(f"config.model.calibration_gate={self.gate!r}; expected one of {CALIBRATION_GATES}")
+    gate = CALIBRATION_GATES[self.gate]  # config.model.calibration_gate, checked by fcnet.check_model_config.
     b, n_k, c = f_e.shape
     joint = jnp.concatenate([f_e, jnp.broadcast_to(f_tg[:, None, :], (b, n_k, c)).astype(f_e.dtype)], axis=-1)
     joint = layers.MultiHeadAttention(self.num_heads, 2 * c, dtype=self.dtype, name="self_attn")(joint, joint, joint)
-    alpha = nn.Dense(1, dtype=self.dtype, name="score")(joint)[..., 0]  # B×N_k
-    if self.gate == "sigmoid":
-      alpha = jax.nn.sigmoid(alpha)
-    elif self.gate == "softmax":
-      alpha = jax.nn.softmax(alpha.astype(jnp.float32), axis=-1).astype(alpha.dtype)
+    alpha = gate(nn.Dense(1, dtype=self.dtype, name="score")(joint)[..., 0])  # B×N_k
     self.sow("intermediates", "alpha", alpha)
     return f_e + alpha[..., None] * f_e

@@ -26,33 +26,37 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 class FCNet(nn.Module):
-  """FCNet with a CLIP ModifiedResNet image encoder. Field meanings: configs/default.py `get_model_config`."""
-  image_size: int = 480
-  context_length: int = 17
-  vision_layers: Sequence[int] = (3, 4, 23, 3)
-  vision_width: int = 64
-  vision_heads: int = 32
-  embed_dim: int = 512
-  vocab_size: int = 49408
-  text_width: int = 512
-  text_layers: int = 12
-  text_heads: int = 8
-  text_embed_init_std: float = 0.02
-  neck_dims: Sequence[int] = (256, 512, 1024)
-  hidden_dim: int = 512
-  num_emphasis: int = 16
-  attention_heads: int = 8
-  decoder_layers: int = 3
-  decoder_ffn_dim: int = 2048
-  dropout: float = 0.1
-  use_egm: bool = True
-  use_ecm: bool = True
-  egm_layernorm: bool = True
-  egm_query_init_scale: float = 1.0
-  egm_heads: int = 0
-  calibration_gate: str = "none"
-  freeze_backbone_bn: bool = False
-  dtype: str = "bfloat16"
+  """FCNet with a CLIP ModifiedResNet image encoder.
+
+  The fields have no defaults here: `configs/default.py` (`get_model_config`) is their one definition, with the
+  meaning of each; build the model from a config with `build_model(config.model)`.
+  """
+  image_size: int
+  context_length: int
+  vision_layers: Sequence[int]
+  vision_width: int
+  vision_heads: int
+  embed_dim: int
+  vocab_size: int
+  text_width: int
+  text_layers: int
+  text_heads: int
+  text_embed_init_std: float
+  neck_dims: Sequence[int]
+  hidden_dim: int
+  num_emphasis: int
+  attention_heads: int
+  decoder_layers: int
+  decoder_ffn_dim: int
+  dropout: float
+  use_egm: bool
+  use_ecm: bool
+  egm_layernorm: bool
+  egm_query_init_scale: float
+  egm_heads: int
+  calibration_gate: str
+  freeze_backbone_bn: bool
+  dtype: str
 
   def setup(self):
     dtype = DTYPES[self.dtype]
@@ -132,7 +136,7 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
   if cfg["dtype"] not in DTYPES:
     fail("dtype", f"expected one of {sorted(DTYPES)}")
   if cfg["calibration_gate"] not in emphasis.CALIBRATION_GATES:
-    fail("calibration_gate", f"expected one of {emphasis.CALIBRATION_GATES}")
+    fail("calibration_gate", f"expected one of {sorted(emphasis.CALIBRATION_GATES)}")
   if cfg["num_emphasis"] < 1:
     fail("num_emphasis", "must be ≥ 1")
   if cfg["egm_heads"] < 0 or (cfg["egm_heads"] and cfg["hidden_dim"] % cfg["egm_heads"]):
@@ -152,11 +156,12 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
 def build_model(model_config: Mapping[str, Any]) -> FCNet:
   """FCNet from a `config.model` ConfigDict (or dict), after checking it."""
   cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-  fields = {name: FCNet.__dataclass_fields__[name].default for name in FCNet.__annotations__}
-  unknown = set(cfg) - set(fields)
+  fields = set(FCNet.__annotations__) - {"parent", "name"}  # Flax adds these two.
+  unknown, missing = set(cfg) - fields, fields - set(cfg)
   if unknown:
     raise ValueError(f"unknown config.model fields: {sorted(unknown)}")
-  cfg = {**fields, **cfg}
+  if missing:
+    raise ValueError(f"config.model lacks {sorted(missing)}: start from configs/default.py get_model_config()")
   check_model_config(cfg)
   cfg["vision_layers"], cfg["neck_dims"] = tuple(cfg["vision_layers"]), tuple(cfg["neck_dims"])
   return FCNet(**cfg)

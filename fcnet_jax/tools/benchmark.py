@@ -219,7 +219,7 @@ def create_benchmark_state(config: ml_collections.ConfigDict, model: fcnet.FCNet
     return train.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
                                    dropout_rng=rng)
 
-  return jax.jit(create, out_shardings=sharding.replicated(mesh))(
+  return jax.jit(create, out_shardings=sharding.replicated_sharding(mesh))(
       variables["params"], variables.get("batch_stats", {}), jax.random.key(seed))
 
 
@@ -852,15 +852,15 @@ class Benchmark:
     state = state.for_inference()  # What Trainer.evaluate passes too: no optimiser moments to flatten per call.
     batch = self._batch(rng, per_device_batch)
     predict = jax.jit(functools.partial(train.predict_step, model=model),
-                      in_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)),
+                      in_shardings=(sharding.replicated_sharding(self.mesh), sharding.batch_sharding(self.mesh)),
                       out_shardings=sharding.batch_sharding(self.mesh))
     result = {"dtype": dtype, "per_device_batch": per_device_batch,
               "global_batch": per_device_batch * self.devices, "memory_before": memory_in_use()}
-    with _mesh_context(self.mesh):
+    with sharding.use_mesh(self.mesh):
       compiled = self._compile(predict, (state, batch), result)
     if not s.compile_only:
       call = lambda: compiled(state, batch)
-      with _mesh_context(self.mesh):
+      with sharding.use_mesh(self.mesh):
         for _ in range(max(s.warmup, 1)):
           jax.block_until_ready(call())
         throughput = timing_stats(time_calls(call, s.repeats, s.calls_per_repeat))
@@ -871,7 +871,7 @@ class Benchmark:
           "latency_ms_min": latency["min_s"] * 1e3})
       result["achieved_tflops"] = self.forward_flops * result["images_per_s"] / 1e12
       if s.profile_dir and s.profile_infer_variant == (dtype, per_device_batch):
-        with _mesh_context(self.mesh):
+        with sharding.use_mesh(self.mesh):
           self._diagnostic("profile_infer", lambda: self.profile(call, compiled, result, "profile_infer",
                                                                  result["call_s"]["median_s"]))
     result["memory"] = memory_in_use()
@@ -887,7 +887,7 @@ class Benchmark:
     result = {"dtype": dtype, "per_device_batch": per_device_batch,
               "global_batch": per_device_batch * self.devices}
     result["memory_before"] = memory_in_use()
-    with _mesh_context(self.mesh):
+    with sharding.use_mesh(self.mesh):
       compiled = self._compile(step, (state, batch), result)
     diagnose = s.diagnose_variant == (dtype, per_device_batch)
     if diagnose and s.hlo_report:
@@ -904,7 +904,7 @@ class Benchmark:
       holder["state"], metrics = compiled(holder["state"], batch)
       return metrics
 
-    with _mesh_context(self.mesh):
+    with sharding.use_mesh(self.mesh):
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(max(s.warmup, 1)):
@@ -1073,11 +1073,6 @@ class Benchmark:
 def _drop_static(args: Sequence[Any], static: Sequence[int]) -> Tuple[Any, ...]:
   """A compiled (AOT) function takes only the non-static arguments."""
   return tuple(a for i, a in enumerate(args) if i not in static)
-
-
-def _mesh_context(mesh):
-  # As train.Trainer: the mesh is the context of the jitted steps (jax ≥ 0.7 has jax.set_mesh).
-  return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
 
 
 def _jaxlib_version() -> Optional[str]:

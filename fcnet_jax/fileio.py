@@ -1,0 +1,61 @@
+"""Writing files so that a reader never sees half of one, and paths that may be local or remote.
+
+Every file this project writes for later reading (JSON results, the resolved config, converted shards, the
+converter's summary, benchmark reports) goes through `atomic_write`: the bytes go to a temporary name beside the
+target, which is then renamed over it. A job killed mid-write leaves the old file (or none), never a torn one.
+Directories are built the same way (`atomic_output(..., directory=True)`). Paths go through `etils.epath`, which also serves
+remote file systems (gs://…) where a backend for them is installed; there a "rename" is a copy and a delete,
+still never a partial target.
+"""
+import contextlib
+import json
+import uuid
+from typing import Any, Iterator, Mapping, Union
+
+from etils import epath
+
+PathLike = Union[str, epath.PathLike]
+
+
+def as_path(path: PathLike) -> epath.Path:
+  return epath.Path(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, *, directory: bool = False) -> Iterator[epath.Path]:
+  """Yields a temporary path beside `path`; when the block succeeds, it is renamed to `path`.
+
+  A file replaces an existing `path`; a directory (`directory=True`: created empty for the block to fill) must
+  not exist yet. On an exception the temporary file or directory is removed and `path` is left as it was.
+  """
+  path = as_path(path)
+  if directory and path.exists():
+    raise FileExistsError(f"{path} already exists; remove it or choose another output directory")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+  if directory:
+    tmp.mkdir()
+  try:
+    yield tmp
+    if directory:
+      tmp.rename(path)
+    else:
+      tmp.replace(path)
+  finally:
+    if tmp.exists():
+      tmp.rmtree() if tmp.is_dir() else tmp.unlink()
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str]) -> None:
+  """Writes `data` to `path` (str as UTF-8) through a temporary sibling and a rename; parents are created."""
+  with atomic_output(path) as tmp:
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def write_json(path: PathLike, payload: Mapping[str, Any]) -> None:
+  """`payload` as indented, key-sorted JSON (a trailing newline), written atomically."""
+  atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: PathLike) -> Any:
+  return json.loads(as_path(path).read_text())
