@@ -1,4 +1,4 @@
-"""On-device image and mask operations around the letterbox (protocol.md "Preprocessing" and "Evaluation").
+"""On-device image and mask operations around the letterbox (docs/data.md, "Preprocessing" and "Evaluation").
 
 The host ships letterboxed uint8 images and masks (aspect kept, centred on an S×S canvas); everything here runs
 on the accelerator inside `jit`, per example with traced sizes, so batch shapes stay static.
@@ -10,7 +10,7 @@ predicts at P = S/r (r = 4). Its training target is `downsample_mask` of the can
 pixel ⌊i·S/P⌋ = r·i for prediction pixel i (PyTorch nearest, as CRIS), so a trained prediction pixel i shows the
 canvas at pixel r·i, i.e. continuous canvas coordinate r·i + 0.5 — not the centre r·i + r/2 of the r×r block it
 is computed from. `inverse_letterbox` uses that relation by default (`target_sampling="nearest"`); "area" is the
-block-centre relation that fits area-averaged targets (protocol.md's scale_and_translate form). For r = 4 the two
+block-centre relation that fits area-averaged targets (`jax.image.scale_and_translate`'s form). For r = 4 the two
 differ by 1.5 canvas pixels (2 original pixels for a 640-pixel side at S = 480), which costs ~1–2 IoU points on
 mid-sized objects when mismatched with the targets.
 """
@@ -22,7 +22,7 @@ import numpy as np
 
 Dtype = Any
 
-# CLIP's RGB statistics on [0, 1] pixels (protocol.md "Preprocessing").
+# CLIP's RGB statistics on [0, 1] pixels (docs/data.md, "Preprocessing").
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,4 +1,4 @@
-"""Training and evaluation metrics as `clu.metrics` collections (protocol.md "Evaluation").
+"""Training and evaluation metrics as `clu.metrics` collections (docs/data.md, "Evaluation").
 
 Every metric is a sum or a count, so `merge` over batches, devices and hosts is exact. Use
 `Collection.single_from_model_output(**outputs)` under `jit` with sharded arrays (the sums reduce over the global
@@ -27,7 +27,7 @@ EVAL_BATCH_FIELDS = ("resized_hw", "offset", "orig_hw", "orig_mask")
 
 
 def per_sample_iou(intersection: jax.Array, union: jax.Array) -> jax.Array:
-  """B float32 IoU; an empty prediction against an empty ground truth (union 0) has IoU 1 (protocol.md)."""
+  """B float32 IoU; an empty prediction against an empty ground truth (union 0) has IoU 1 (docs/data.md)."""
   union_f = union.astype(jnp.float32)
   return jnp.where(union > 0, intersection.astype(jnp.float32) / jnp.maximum(union_f, 1.0), 1.0)
 
@@ -215,7 +215,7 @@ def train_step_outputs(logits: jax.Array, target: jax.Array, loss: jax.Array,
 def eval_step_outputs(logits: jax.Array, batch: Mapping[str, jax.Array], threshold: float, canvas: int,
                       image_size: Optional[int] = None,
                       target_sampling: str = "nearest") -> Dict[str, jax.Array]:
-  """The model outputs `EvalMetrics` consumes, scored in the ORIGINAL image frame (protocol.md "Evaluation").
+  """The model outputs `EvalMetrics` consumes, scored in the ORIGINAL image frame (docs/data.md).
 
   sigmoid → `inverse_letterbox` to K×K → `> threshold` → intersection/union with `orig_mask`, both restricted to
   `valid_region` (the h×w image at the canvas's top-left).

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer, built offline from the shipped vocabulary (protocol.md "Text").
+"""CLIP's byte-level BPE tokenizer, built offline from the shipped vocabulary (docs/data.md).
 
 FCNet encodes a referring expression with CLIP's text encoder (paper sec. 3.1), so the sentence must be split
 into exactly the ids CLIP was trained on: [SOS] BPE tokens [EOS], zero-padded to L (17 for RefCOCO/RefCOCO+,
@@ -145,7 +145,7 @@ def tokenize(texts: Union[str, Sequence[str]],
 
   Args:
     texts: one sentence or a sequence of N sentences.
-    context_length: L >= 2 (77 for CLIP; 17 RefCOCO/RefCOCO+, 22 G-Ref per protocol.md).
+    context_length: L >= 2 (77 for CLIP; 17 for RefCOCO/RefCOCO+, 22 for G-Ref).
 
   Returns:
     N×L int32 (N = 1 for a single str): [SOS] tokens [EOS] then 0s. A sentence of more than L-2 tokens keeps

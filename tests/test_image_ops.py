@@ -197,7 +197,7 @@ def test_inverse_letterbox_matches_numpy_bilinear(inverse_fn, sampling):
 
 
 def test_inverse_letterbox_area_matches_protocol_scale_and_translate():
-  """protocol.md's form: scale = (S/P)·(h/nh), translation = −top·(P/S)·scale, on an edge-padded input."""
+  """`jax.image.scale_and_translate` with scale = (S/P)·(h/nh), translation = −top·(P/S)·scale, edge-padded."""
   rng = np.random.default_rng(3)
   sizes = SIZES[:6]
   prob = rng.uniform(size=(len(sizes), P, P)).astype(np.float32)

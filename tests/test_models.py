@@ -129,7 +129,7 @@ def test_every_parameter_gets_gradient(overrides):
 
 
 def test_init_scales_multiply_the_default_init():
-  # egm_query_init_scale and text_embed_init_std rescale the same draws: the defaults keep the previous init.
+  # egm_query_init_scale and text_embed_init_std rescale the same random draws; every other parameter is unchanged.
   shapes = lambda model: jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                                         jnp.zeros((1, model.image_size, model.image_size, 3)),
                                         jnp.zeros((1, model.context_length), jnp.int32))

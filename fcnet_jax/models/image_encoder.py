@@ -1,4 +1,4 @@
-"""CLIP ModifiedResNet image encoder with CRIS's spatial attention pool (paper sec. 3.1, model.md §2).
+"""CLIP ModifiedResNet image encoder with CRIS's spatial attention pool (paper sec. 3.1; docs/model.md).
 
 Outputs for an S×S image: F_v2 (B×S/8×S/8×512·w/64), F_v3 (B×S/16×S/16×1024·w/64) and
 F_v4 (B×S/32×S/32×embed_dim), where w is the stem width (64 in CLIP).
@@ -37,7 +37,7 @@ class Bottleneck(nn.Module):
 
 
 class AttentionPool(nn.Module):
-  """CRIS's spatial attention pool over the last stage (model.md §2), no class token.
+  """CRIS's spatial attention pool over the last stage (docs/model.md, "Image encoder"), no class token.
 
   Every S/32×S/32 position attends to all positions (with CLIP's positional embedding, resized to this grid by
   `resize_pos_embed` when weights are imported); the result is reshaped back to a map, a 1×1 conv + BN residual

@@ -55,8 +55,7 @@ class MultiHeadAttention(nn.Module):
   """Multi-head attention with separate q/k/v/output projections (PyTorch `nn.MultiheadAttention` semantics).
 
   Queries and keys/values may have different input widths (the EGM query is a flattened H_v·W_v map).
-  Uses `jax.nn.dot_product_attention` (its XLA implementation by default in jax 0.10/0.11; a cuDNN fused kernel
-  is a later option for the GPU, see BENCHMARKS.md).
+  Uses `jax.nn.dot_product_attention` (its XLA implementation, the default in jax 0.10/0.11).
 
   Attributes:
     num_heads: number of heads; `features` must be divisible by it.

@@ -1,4 +1,4 @@
-"""Mask head and loss (sec. 3.4, model.md §7): H/16 → H/4 and the final 3×3 conv to one logit; sigmoid BCE."""
+"""Mask head and loss (sec. 3.4; docs/model.md): H/16 → H/4 and the final 3×3 conv to one logit; sigmoid BCE."""
 from typing import Any
 
 import flax.linen as nn

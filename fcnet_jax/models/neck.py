@@ -1,4 +1,4 @@
-"""Vision neck (paper sec. 3.2, eqs. 1–3; model.md §3): fuses F_v2, F_v3, F_v4 into F_v at H/16. Vision only."""
+"""Vision neck (paper sec. 3.2, eqs. 1–3; docs/model.md): fuses F_v2, F_v3, F_v4 into F_v at H/16. Vision only."""
 from typing import Any, Sequence
 
 import flax.linen as nn

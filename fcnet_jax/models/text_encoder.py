@@ -1,4 +1,4 @@
-"""CLIP text transformer (paper sec. 3.1, model.md §1): causal, pre-LN, QuickGELU, final LN, EOS global feature."""
+"""CLIP text transformer (paper sec. 3.1; docs/model.md): causal, pre-LN, QuickGELU, final LN, EOS global feature."""
 from typing import Any, Tuple
 
 import flax.linen as nn
