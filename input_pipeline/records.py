@@ -1,16 +1,19 @@
 """The TFRecord format of converted RefCOCO-family shards: one `tf.train.Example` per ref.
 
-This module is the single definition of the record layout shared by the converter (writer) and the input
-pipeline (reader). It imports TensorFlow lazily so the names can be read without it.
+The one definition of the record layout: the writer (`make_example`, used by the converter, the throughput
+tool's fake data and the tests), the reader (`feature_spec`, `parse`) and the rule that cuts the stored token
+ids to the configured context length (`truncate_tokens`). TensorFlow is imported only when a function needs it,
+so the names and constants can be read without it. docs/data.md describes the format for users.
 
 Layout on disk (written by `input_pipeline.convert`):
   <out>/summary.json                                  dataset, split_by, context_length, splits{name: {refs,
-                                                      sentences, shards}}
+                                                      sentences, shards, skipped_refs, reencoded_refs}}
   <out>/<split>/<split>-<i:05d>-of-<n:05d>.tfrecord   uncompressed TFRecord shards
 
 Features of one record (one ref):
   image/encoded      bytes     the original JPEG bytes (decoded in the stored pixel frame: EXIF is ignored,
-                               which is the frame COCO's masks are drawn in)
+                               which is the frame COCO's masks are drawn in), or a lossless RGB PNG
+  image/reencoded    int64     1 when image/encoded is such a PNG (the original could not be stored), else 0
   image/height       int64     original height (pixels)
   image/width        int64     original width
   mask/encoded       bytes     single-channel PNG, values 0/1, height×width, the referred annotation
@@ -19,29 +22,67 @@ Features of one record (one ref):
   sentences/sent     bytes[N]  the normalized sentences (`sent`) of the ref
   sentences/sent_id  int64[N]
   sentences/tokens   int64[N*T] CLIP token ids, row-major N×T with T = summary["context_length"] (77), [SOS]…[EOS]
-                               zero-padded; truncate to the configured L with `truncate_tokens`.
+                               zero-padded; cut to the configured L with `truncate_tokens`.
 """
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from fcnet_jax.tokenizer import EOT_TOKEN
+from input_pipeline import import_tensorflow
 
 SUMMARY_FILE = "summary.json"
 STORED_CONTEXT_LENGTH = 77  # CLIP's full context; the configured L (17/22) is cut at read time.
+REENCODED_FEATURE = "image/reencoded"
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
   return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def feature_spec() -> Dict[str, object]:
-  """The `tf.io.parse_single_example` spec of a record."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return {
+def make_example(*, image: bytes, height: int, width: int, mask_png: bytes, ref_id: int, ann_id: int,
+                 image_id: int, category_id: int, bbox: Sequence[float], sents: Sequence[str],
+                 sent_ids: Sequence[int], tokens: np.ndarray, reencoded: bool = False) -> bytes:
+  """The serialized `tf.train.Example` of one ref; `tokens` is N×T (T = `STORED_CONTEXT_LENGTH` on disk).
+
+  Serialized deterministically (fields in key order), so the same ref always gives the same bytes: a rerun of
+  the converter, in any process, writes byte-equal shards.
+  """
+  tf = import_tensorflow()
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 2 or tokens.shape[0] != len(sents) or len(sent_ids) != len(sents):
+    raise ValueError(f"ref_id={ref_id}: {len(sents)} sentences, {len(sent_ids)} sent_ids and tokens of shape "
+                     f"{tokens.shape} do not match (need N sentences, N ids and N×T tokens)")
+  feature = tf.train.Feature
+  ints = lambda values: feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+  raw = lambda values: feature(bytes_list=tf.train.BytesList(value=list(values)))
+  example = tf.train.Example(features=tf.train.Features(feature={
+      "image/encoded": raw([image]),
+      "image/height": ints([height]),
+      "image/width": ints([width]),
+      REENCODED_FEATURE: ints([reencoded]),
+      "mask/encoded": raw([mask_png]),
+      "ref_id": ints([ref_id]),
+      "ann_id": ints([ann_id]),
+      "image_id": ints([image_id]),
+      "category_id": ints([category_id]),
+      "bbox": feature(float_list=tf.train.FloatList(value=[float(v) for v in bbox])),
+      "sentences/sent": raw([s.encode("utf-8") for s in sents]),
+      "sentences/sent_id": ints(sent_ids),
+      "sentences/tokens": ints(tokens.reshape(-1)),
+  }))
+  return example.SerializeToString(deterministic=True)
+
+
+def feature_spec(keys: Optional[Sequence[str]] = None) -> Dict[str, object]:
+  """The `tf.io.parse_single_example` spec of a record, or of its features `keys` only (cheaper to parse)."""
+  tf = import_tensorflow()
+  spec = {
       "image/encoded": tf.io.FixedLenFeature([], tf.string),
       "image/height": tf.io.FixedLenFeature([], tf.int64),
       "image/width": tf.io.FixedLenFeature([], tf.int64),
+      # A record written without it holds the original image bytes.
+      REENCODED_FEATURE: tf.io.FixedLenFeature([], tf.int64, default_value=0),
       "mask/encoded": tf.io.FixedLenFeature([], tf.string),
       "ref_id": tf.io.FixedLenFeature([], tf.int64),
       "ann_id": tf.io.FixedLenFeature([], tf.int64),
@@ -52,19 +93,49 @@ def feature_spec() -> Dict[str, object]:
       "sentences/sent_id": tf.io.VarLenFeature(tf.int64),
       "sentences/tokens": tf.io.VarLenFeature(tf.int64),
   }
+  return spec if keys is None else {key: spec[key] for key in keys}
 
 
-def truncate_tokens(tokens: np.ndarray, context_length: int) -> np.ndarray:
-  """Cuts N×T token rows to N×L the way CLIP's `tokenize(..., truncate=True)` does: [EOS] forced last.
+def parse(serialized, stored_length: int) -> Dict[str, object]:
+  """Parses one serialized record (graph code); `sentences/tokens` comes back as N×T int64, T = `stored_length`.
 
-  A row whose [EOS] does not fall within the first L tokens keeps its first L-1 tokens and ends with [EOS].
-  (Id 0 is also a real BPE token, "!" without end-of-word, so overflow is detected by the missing [EOS], not by a
-  non-zero token at position L.)
+  A record without sentences, or whose token count is not N×T, fails with an error naming its ref_id.
   """
-  tokens = np.asarray(tokens)
-  if context_length > tokens.shape[-1]:
-    raise ValueError(f"context_length={context_length} exceeds the stored token length {tokens.shape[-1]}")
-  out = tokens[..., :context_length].copy()
-  overflow = ~np.any(out == EOT_TOKEN, axis=-1)
-  out[..., context_length - 1] = np.where(overflow, EOT_TOKEN, out[..., context_length - 1])
-  return out
+  tf = import_tensorflow()
+  features = tf.io.parse_single_example(serialized, feature_spec())
+  sent_id = features["sentences/sent_id"].values
+  tokens = features["sentences/tokens"].values
+  num_sentences = tf.size(sent_id)
+  ok = tf.debugging.Assert(
+      tf.logical_and(num_sentences > 0, tf.size(tokens) == num_sentences * stored_length),
+      ["record of ref_id", features["ref_id"], "needs >= 1 sentence and sentences/tokens of size "
+       f"N*{stored_length} (summary.json context_length); N, size =", num_sentences, tf.size(tokens)])
+  with tf.control_dependencies([ok]):
+    features["sentences/tokens"] = tf.reshape(tokens, [num_sentences, stored_length])
+  features["sentences/sent_id"] = sent_id
+  return features
+
+
+def truncate_tokens(tokens, context_length: int):
+  """Cuts rows of T token ids to L the way CLIP's `tokenize(..., truncate=True)` does: [EOS] forced last.
+
+  A row with no [EOS] within its first L ids did not fit: it keeps its first L-1 ids and ends with [EOS]. Overflow
+  is told by the missing [EOS] and not by a non-zero id at position L, because id 0 is also a real BPE token ("!"
+  not at the end of a word, as in "dog!;"), not only the padding.
+
+  Args:
+    tokens: int …×T (a tensor or an array), each row [SOS] … [EOS] zero-padded.
+    context_length: L ≤ T.
+
+  Returns:
+    int32 …×L tensor.
+  """
+  tf = import_tensorflow()
+  tokens = tf.convert_to_tensor(tokens)
+  stored_length = tokens.shape[-1]
+  if stored_length is not None and context_length > stored_length:
+    raise ValueError(f"context_length={context_length} exceeds the stored token length {stored_length}")
+  cut = tokens[..., :context_length]
+  overflow = tf.logical_not(tf.reduce_any(cut == tf.constant(EOT_TOKEN, cut.dtype), axis=-1))
+  last = tf.where(overflow, tf.constant(EOT_TOKEN, cut.dtype), cut[..., context_length - 1])
+  return tf.cast(tf.concat([cut[..., :context_length - 1], last[..., None]], axis=-1), tf.int32)

@@ -1,14 +1,15 @@
 """A small synthetic dataset in the raw RefCOCO (refer) format, for tests and smoke runs.
 
-`generate` writes what the refer downloads and COCO unpack to (protocol.md "Raw inputs a user has on disk"):
+`generate` writes what the refer downloads and COCO unpack to (docs/data.md, "Raw inputs"):
 
   <out>/images/train2014/COCO_train2014_<image_id:012d>.jpg
   <out>/<dataset>/refs(<split_by>).p    pickle (protocol 2), a list of ref dicts exactly like the real ones
   <out>/<dataset>/instances.json        COCO format: images, annotations, categories
 
-so `python -m input_pipeline.convert --refer_root=<out> --coco_images=<out>/images ...` converts it like the real
-data. Each image holds 3–5 flat shapes (circle, square, triangle, diamond, cross) in a few colours and two sizes
-on a textured background. Every shape that some phrase singles out becomes a ref with 1–3 sentences, each naming
+so `fcnet-convert --refer_root=<out> --coco_images=<out>/images ...` converts it like the real data, for every
+(dataset, split_by) of `input_pipeline.refer.SPLITS` (with the splits that combination has). Each image holds
+3–5 flat shapes (circle, square, triangle, diamond, cross) in a few colours and two sizes on a textured
+background. Every shape that some phrase singles out becomes a ref with 1–3 sentences, each naming
 exactly that shape by colour / shape / size words (the majority) or, as a simple minority, by the image half it
 lies in ("left", "right", "top", "bottom"). Images deliberately repeat colours and shapes, so a model that ignores
 the sentence cannot score well.
@@ -22,17 +23,20 @@ sides of 48–160 pixels with aspect ratios up to ~1.6 (shapes stay ≥ ~9 pixel
 
 Deterministic given the seed: every image draws from its own `np.random.default_rng((seed, index))`.
 """
-import argparse
 import json
 import math
 import os
 import pickle
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from absl import flags
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from fcnet_jax import cli
+from fcnet_jax import fileio
+from input_pipeline import refer
 
 # Saturated shape colours; the backgrounds are unsaturated, so colour words stay unambiguous.
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -52,7 +56,6 @@ POSITION_WORDS = ("left", "right", "top", "bottom")
 NOUNS = ("one", "shape", "object", "thing")  # Stand-ins for the shape word when the shape is not named.
 # A shape's centre must be this fraction of the image side away from the midline to count as in a half.
 POSITION_MARGIN = 0.08
-DEFAULT_SPLITS = ("train", "val", "testA", "testB")
 # Attribute subsets a description may use; position phrases add a half to any of them (or to none).
 _ATTRIBUTE_SUBSETS = (("shape",), ("colour",), ("size",), ("colour", "shape"), ("size", "shape"),
                       ("size", "colour"), ("size", "colour", "shape"))
@@ -269,13 +272,6 @@ def _segmentation(obj: Dict[str, object], kind: str) -> Dict[str, object]:
   return {"segmentation": _uncompressed_rle(obj["mask"]), "iscrowd": 1}
 
 
-def _dump_atomic(write, path: str, mode: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, mode) as f:
-    write(f)
-  os.replace(tmp, path)
-
-
 def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_eval_images: int = 28,
              dataset: str = "refcoco", split_by: str = "unc",
              splits: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -286,17 +282,16 @@ def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_ev
     seed: everything written is a deterministic function of the seed and the arguments.
     num_train_images: images of the first split (~3.5 refs each).
     num_eval_images: images of every other split.
-    dataset, split_by: name the refs file `<dataset>/refs(<split_by>).p`.
-    splits: split names in order, the first being the training split; default: the splits that
-      `input_pipeline.convert.SPLITS` lists for (dataset, split_by), else train/val/testA/testB.
+    dataset, split_by: name the refs file `<dataset>/refs(<split_by>).p` (config.data.dataset / split_by).
+    splits: split names in order, the first being the training split; default: the splits of (dataset,
+      split_by) in `input_pipeline.refer.SPLITS` (an unknown combination is then an error).
 
   Returns:
     A summary: paths, and per split the number of images, refs and sentences, plus counts of grayscale images,
     position sentences, multi-polygon and RLE (string / list counts) annotations.
   """
   if splits is None:
-    from input_pipeline import convert  # pylint: disable=g-import-not-at-top  (no TensorFlow at import)
-    splits = convert.SPLITS.get((dataset, split_by), DEFAULT_SPLITS)
+    splits = refer.known_splits(dataset, split_by)
   image_dir = os.path.join(out_dir, "images", "train2014")
   refer_dir = os.path.join(out_dir, dataset)
   os.makedirs(image_dir, exist_ok=True)
@@ -311,7 +306,8 @@ def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_ev
   for index, split in enumerate(split_of_image):
     image_id = 9 + 7 * index  # COCO-like sparse ids.
     item = _generate_image(seed, index, image_id)
-    item["image"].save(os.path.join(image_dir, image_file_name(image_id)), "JPEG", quality=90)
+    with fileio.atomic_output(os.path.join(image_dir, image_file_name(image_id))) as tmp:
+      item["image"].save(str(tmp), "JPEG", quality=90)
     images.append({"id": image_id, "file_name": image_file_name(image_id), "height": item["height"],
                    "width": item["width"]})
     counts[split]["images"] += 1
@@ -345,30 +341,37 @@ def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_ev
                "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]}
   refs_path = os.path.join(refer_dir, f"refs({split_by}).p")
   instances_path = os.path.join(refer_dir, "instances.json")
-  _dump_atomic(lambda f: pickle.dump(refs, f, protocol=2), refs_path, "wb")
-  _dump_atomic(lambda f: json.dump(instances, f), instances_path, "w")
+  fileio.atomic_write(refs_path, pickle.dumps(refs, protocol=2))
+  fileio.atomic_write(instances_path, json.dumps(instances))
   return {"refs_file": refs_path, "instances_file": instances_path, "image_dir": image_dir,
           "seed": seed, "splits": counts, **stats}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-  parser = argparse.ArgumentParser(
-      prog="python -m input_pipeline.synthetic",
-      description="Write a small synthetic RefCOCO-format dataset (refs pickle, instances.json, JPEGs).")
-  parser.add_argument("--out", required=True, help="output root (images/train2014/ and <dataset>/ inside)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--num_train_images", "--num_images", type=int, default=100,
-                      help="images of the training split (~3.5 refs each)")
-  parser.add_argument("--num_eval_images", type=int, default=28, help="images of each evaluation split")
-  parser.add_argument("--dataset", default="refcoco", help="folder name: refcoco, refcoco+ or refcocog")
-  parser.add_argument("--split_by", default="unc", help="refs file suffix: unc, google or umd")
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  """The command-line flags of `main` (defined by `run`, so that importing this module defines none)."""
+  flags.DEFINE_string("out", None, "Output root (images/train2014/ and <dataset>/ inside).")
+  flags.DEFINE_integer("seed", 0, "Everything written is a deterministic function of the seed and the sizes.")
+  flags.DEFINE_integer("num_train_images", 100, "Images of the training split (~3.5 refs each).")
+  flags.DEFINE_integer("num_eval_images", 28, "Images of each evaluation split.")
+  flags.DEFINE_string("dataset", "refcoco", "Folder name: refcoco, refcoco+ or refcocog.")
+  flags.DEFINE_string("split_by", "unc", "Refs file suffix: unc, google or umd.")
+  flags.mark_flags_as_required(["out"])
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv  # Checked by cli.run.
+  args = flags.FLAGS
   summary = generate(args.out, seed=args.seed, num_train_images=args.num_train_images,
                      num_eval_images=args.num_eval_images, dataset=args.dataset, split_by=args.split_by)
-  json.dump(summary, sys.stdout, indent=2)
-  print()
-  return summary
+  print(json.dumps(summary, indent=2))
+
+
+def run() -> None:
+  """Command-line entry point (python -m input_pipeline.synthetic --out=DIR)."""
+  if "num_eval_images" not in flags.FLAGS:
+    define_flags()
+  cli.run(main)
 
 
 if __name__ == "__main__":
-  main()
+  run()

@@ -1,29 +1,29 @@
 """Measures the training input pipeline's throughput (examples/s) on this host.
 
-  python -m input_pipeline.throughput --data_dir=DIR --image_size=480 --batch_size=32 --steps=40 [--threads=1]
+  fcnet-throughput --data_dir=DIR --image_size=480 --batch_size=32 --steps=40 [--threads=1]
 
-`--threads=N` runs tf.data on a private pool of N threads (`tf.data.Options().threading`), which measures the
-rate N cores give; 0 uses TF's default pool (all cores). `--write_fake=N` first writes N COCO-sized records
-(random 640×~480 JPEGs of smooth multi-scale noise, so the JPEG decode costs about what a photo's does) as
-split `--split` of DIR, for measuring without the real data.
+(or `python -m input_pipeline.throughput ...`). `--threads=N` runs tf.data on a private pool of N threads
+(`tf.data.Options().threading`), which measures the rate N cores give; 0 uses TF's default pool (all cores).
+`--write_fake=N` first writes N COCO-sized records (random 640×~480 JPEGs of smooth multi-scale noise, so the
+JPEG decode costs about what a photo's does) as split `--split` of DIR, for measuring without the real data.
 """
-import argparse
 import io
-import json
 import os
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence, Tuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # Before TensorFlow is imported.
+from absl import flags
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
-from PIL import ImageDraw  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from input_pipeline import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_SOT = 49406
+from fcnet_jax import cli
+from fcnet_jax import fileio
+from fcnet_jax.tokenizer import EOT_TOKEN
+from fcnet_jax.tokenizer import SOT_TOKEN
+from input_pipeline import import_tensorflow
+from input_pipeline import pipeline
+from input_pipeline import records
 
 
 def _photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -38,9 +38,8 @@ def _photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray
   return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _fake_record(rng: np.random.Generator, ref_id: int):
-  """One ref record in the `records` layout with a COCO-sized JPEG, a polygon mask and 1–3 sentences."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def _fake_record(rng: np.random.Generator, ref_id: int) -> Tuple[bytes, int]:
+  """One serialized ref record with a COCO-sized JPEG, a polygon mask and 1–3 sentences; and its sentence count."""
   long_side, short_side = 640, int(rng.integers(360, 481))
   height, width = (short_side, long_side) if rng.random() < 0.7 else (long_side, short_side)
   jpeg = io.BytesIO()
@@ -55,46 +54,31 @@ def _fake_record(rng: np.random.Generator, ref_id: int):
   tokens = np.zeros((num_sentences, records.STORED_CONTEXT_LENGTH), np.int64)
   for row in tokens:
     words = int(rng.integers(2, 15))
-    row[:words + 2] = [_SOT, *rng.integers(1, 49405, size=words), records.EOT_TOKEN]
-
-  def ints(values):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
-
-  def blobs(values):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
-
-  feature = {
-      "image/encoded": blobs([jpeg.getvalue()]), "image/height": ints([height]), "image/width": ints([width]),
-      "mask/encoded": blobs([png.getvalue()]), "ref_id": ints([ref_id]), "ann_id": ints([ref_id]),
-      "image_id": ints([ref_id]), "category_id": ints([1]),
-      "bbox": tf.train.Feature(float_list=tf.train.FloatList(value=[cx - radius, cy - radius, 2 * radius,
-                                                                    2 * radius])),
-      "sentences/sent": blobs([b"a sentence"] * num_sentences),
-      "sentences/sent_id": ints([ref_id * 10 + k for k in range(num_sentences)]),
-      "sentences/tokens": ints(tokens.reshape(-1)),
-  }
-  record = tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    row[:words + 2] = [SOT_TOKEN, *rng.integers(1, 49405, size=words), EOT_TOKEN]
+  record = records.make_example(
+      image=jpeg.getvalue(), height=height, width=width, mask_png=png.getvalue(), ref_id=ref_id, ann_id=ref_id,
+      image_id=ref_id, category_id=1, bbox=[cx - radius, cy - radius, 2 * radius, 2 * radius],
+      sents=["a sentence"] * num_sentences, sent_ids=[ref_id * 10 + k for k in range(num_sentences)],
+      tokens=tokens)
   return record, num_sentences
 
 
 def write_fake(data_dir: str, split: str, num_records: int, seed: int = 0, shard_size: int = 64) -> None:
   """Writes `num_records` COCO-sized fake refs as `split` of `data_dir` (shards and summary.json)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = import_tensorflow()
   rng = np.random.default_rng(seed)
   num_shards = max(1, -(-num_records // shard_size))
-  os.makedirs(os.path.join(data_dir, split), exist_ok=True)
   sentences = 0
   for shard in range(num_shards):
     path = os.path.join(data_dir, split, records.shard_name(split, shard, num_shards))
-    with tf.io.TFRecordWriter(path) as writer:
+    with fileio.atomic_output(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
       for ref_id in range(shard * shard_size, min(num_records, (shard + 1) * shard_size)):
         record, count = _fake_record(rng, ref_id)
         writer.write(record)
         sentences += count
   summary = {"dataset": "fake", "split_by": "none", "context_length": records.STORED_CONTEXT_LENGTH,
              "splits": {split: {"refs": num_records, "sentences": sentences, "shards": num_shards}}}
-  with open(os.path.join(data_dir, records.SUMMARY_FILE), "w") as f:
-    json.dump(summary, f)
+  fileio.write_json(os.path.join(data_dir, records.SUMMARY_FILE), summary)
 
 
 def measure(data_dir: str, split: str, *, image_size: int, context_length: int, batch_size: int, steps: int,
@@ -118,20 +102,24 @@ def measure(data_dir: str, split: str, *, image_size: int, context_length: int, 
           "seconds": seconds}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", required=True, help="converter output folder (holds summary.json)")
-  parser.add_argument("--split", default="train")
-  parser.add_argument("--image_size", type=int, default=480)
-  parser.add_argument("--context_length", type=int, default=17)
-  parser.add_argument("--batch_size", type=int, default=32, help="per-process batch")
-  parser.add_argument("--steps", type=int, default=40, help="timed batches")
-  parser.add_argument("--warmup_steps", type=int, default=5)
-  parser.add_argument("--threads", type=int, default=0, help="tf.data private thread pool (0: TF default)")
-  parser.add_argument("--shuffle_buffer", type=int, default=256)
-  parser.add_argument("--write_fake", type=int, default=0,
-                      help="first write this many COCO-sized fake records to --data_dir")
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  """The command-line flags of `main` (defined by `run`, so that importing this module defines none)."""
+  flags.DEFINE_string("data_dir", None, "Converter output folder (holds summary.json).")
+  flags.DEFINE_string("split", "train", "The split to read (and to write with --write_fake).")
+  flags.DEFINE_integer("image_size", 480, "S, the letterbox canvas side.")
+  flags.DEFINE_integer("context_length", 17, "L, the token length.")
+  flags.DEFINE_integer("batch_size", 32, "Per-process batch.")
+  flags.DEFINE_integer("steps", 40, "Timed batches.")
+  flags.DEFINE_integer("warmup_steps", 5, "Untimed batches first (they fill the shuffle buffer).")
+  flags.DEFINE_integer("threads", 0, "tf.data private thread pool (0: TF's default, all cores).")
+  flags.DEFINE_integer("shuffle_buffer", 256, "Records held by the shuffle.")
+  flags.DEFINE_integer("write_fake", 0, "First write this many COCO-sized fake records to --data_dir.")
+  flags.mark_flags_as_required(["data_dir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv  # Checked by cli.run.
+  args = flags.FLAGS
   if args.write_fake:
     write_fake(args.data_dir, args.split, args.write_fake)
   result = measure(args.data_dir, args.split, image_size=args.image_size, context_length=args.context_length,
@@ -141,8 +129,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         f"{result['examples_per_s_per_core']:.1f} per core ({args.steps} batches of {args.batch_size} at "
         f"{args.image_size}×{args.image_size}, after {args.warmup_steps} warm-up batches); "
         f"{result['examples_per_cpu_s']:.1f} examples per CPU-second of this process")
-  return result
+
+
+def run() -> None:
+  """The `fcnet-throughput` entry point."""
+  if "write_fake" not in flags.FLAGS:
+    define_flags()
+  cli.run(main)
 
 
 if __name__ == "__main__":
-  main()
+  run()

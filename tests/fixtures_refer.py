@@ -8,6 +8,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -15,10 +17,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 import pytest
 
+from input_pipeline import import_tensorflow
+from input_pipeline import records
 from input_pipeline import synthetic
 
 # Small enough for a fast module set-up, large enough for several shards and every annotation kind.
 SMALL = {"seed": 0, "num_train_images": 30, "num_eval_images": 8}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +52,14 @@ def coco_masks(root: str, dataset: str = "refcoco") -> Dict[int, np.ndarray]:
 
 
 def read_records(paths: Sequence[str]) -> List[dict]:
-  """Every record of the shards, parsed with records.feature_spec() (+ image/reencoded) into NumPy values."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from input_pipeline import records  # pylint: disable=g-import-not-at-top
-  spec = dict(records.feature_spec())
-  spec["image/reencoded"] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+  """Every record of the shards, parsed with records.feature_spec() into NumPy values.
+
+  image/reencoded reads -1 when a record lacks it (records.feature_spec() would read 0), so tests see that it
+  was written.
+  """
+  tf = import_tensorflow()
+  spec = records.feature_spec()
+  spec[records.REENCODED_FEATURE] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
   out = []
   for path in paths:
     for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
@@ -72,3 +80,10 @@ def decode_png(data: bytes) -> np.ndarray:
   with Image.open(io.BytesIO(data)) as image:
     assert image.mode == "L", image.mode
     return np.asarray(image)
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs `python -m <module> <args>` from the repository root, as a user would; text stdout and stderr."""
+  env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600, check=False)

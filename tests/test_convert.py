@@ -1,4 +1,4 @@
-"""Tests of input_pipeline.convert on the synthetic refer dataset.
+"""Tests of the converter (input_pipeline.convert, .refer, .shards) on the synthetic refer dataset.
 
 References are independent of the converter: ref counts from the refs pickle, masks from the official COCO API
 (`COCO.annToMask`), image bytes from the files, token ids from `fcnet_jax.tokenizer.tokenize`, decoded images
@@ -11,19 +11,26 @@ import os
 import re
 import shutil
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+from PIL import Image
+import pytest
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import tokenizer
+from fixtures_refer import coco_masks
+from fixtures_refer import decode_png
+from fixtures_refer import load_instances
+from fixtures_refer import load_refs
+from fixtures_refer import read_records
+from fixtures_refer import run_module
+from fixtures_refer import shard_paths
+from fixtures_refer import synthetic_root  # noqa: F401  (a pytest fixture, used by its name)
+from input_pipeline import convert
+from input_pipeline import import_tensorflow
+from input_pipeline import records
+from input_pipeline import refer
+from input_pipeline import synthetic
 
-from fcnet_jax import tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fixtures_refer import coco_masks, decode_png, load_instances, load_refs  # pylint: disable=g-multiple-import
-from fixtures_refer import read_records, shard_paths, synthetic_root  # pylint: disable=g-multiple-import,unused-import
-from input_pipeline import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from input_pipeline import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+tf = import_tensorflow()
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 SHARD_SIZE = 32
@@ -86,7 +93,7 @@ def test_summary_counts_match_refs(synthetic_root, converted):
     assert [os.path.basename(p) for p in paths] == [records.shard_name(split, i, entry["shards"])
                                                     for i in range(entry["shards"])]
     assert sum(1 for p in paths for _ in tf.data.TFRecordDataset(p)) == len(refs)
-  assert not [n for _, _, files in os.walk(out) for n in files if n.endswith(".tmp")]
+  assert not [n for _, _, files in os.walk(out) for n in files if n.startswith(".")]  # No temporary files left.
 
 
 def test_records_equal_their_sources(synthetic_root, converted):
@@ -181,16 +188,16 @@ def test_truncated_and_missing_images_fail_naming_the_file(synthetic_root, image
     data = f.read()
   with open(truncated, "wb") as f:
     f.write(data[:len(data) // 2])
-  with pytest.raises(convert.BadImageError, match=f"{re.escape(truncated)} is corrupt or truncated"):
+  with pytest.raises(refer.BadImageError, match=f"{re.escape(truncated)} is corrupt or truncated"):
     _convert(synthetic_root, tmp_path / "a", images=images_copy, splits=["val"])
   assert not os.path.exists(tmp_path / "a" / records.SUMMARY_FILE)
-  assert not [n for n in os.listdir(tmp_path / "a" / "val") if n.startswith("val-00000")]  # No shard, no .tmp.
+  assert not [n for n in os.listdir(tmp_path / "a" / "val") if "val-00000" in n]  # No shard, no temporary file.
 
   with open(truncated, "wb") as f:
     f.write(data)
   missing = os.path.join(images_copy, second["file_name"])
   os.remove(missing)
-  with pytest.raises(convert.BadImageError, match=f"{re.escape(missing)} is missing"):
+  with pytest.raises(refer.BadImageError, match=f"{re.escape(missing)} is missing"):
     _convert(synthetic_root, tmp_path / "b", images=images_copy, splits=["val"])
 
 
@@ -220,7 +227,7 @@ def test_wrong_image_size_is_an_error(synthetic_root, images_copy, tmp_path):
   path = os.path.join(images_copy, info["file_name"])
   with Image.open(path) as image:
     image.transpose(Image.Transpose.ROTATE_90).save(path, "JPEG")  # What applying EXIF rotation would do.
-  with pytest.raises(convert.BadImageError, match=f"{re.escape(path)} decodes to {info['width']}×{info['height']}"):
+  with pytest.raises(refer.BadImageError, match=f"{re.escape(path)} decodes to {info['width']}×{info['height']}"):
     _convert(synthetic_root, tmp_path / "out", images=images_copy, splits=["val"])
 
 
@@ -250,16 +257,18 @@ def test_interrupted_conversion_resumes(synthetic_root, tmp_path):
   assert len(paths) >= 5
   contents = {p: open(p, "rb").read() for p in paths}
   stats = {p: os.stat(p) for p in paths}
-  # An interrupted run: one shard missing, no summary, a corrupt partial shard left behind.
+  # An interrupted run: one shard missing, no summary, a corrupt partial shard left behind (the temporary name
+  # fileio.atomic_output gives it).
   lost = paths[2]
   os.remove(lost)
   os.remove(out / records.SUMMARY_FILE)
-  with open(lost + ".tmp", "wb") as f:
+  partial = os.path.join(os.path.dirname(lost), f".{os.path.basename(lost)}.tmp-0123abcd")
+  with open(partial, "wb") as f:
     f.write(b"\x00garbage" * 100)
 
   second = _convert(synthetic_root, out, splits=["train"], shard_size=16)
   assert second == first
-  assert shard_paths(str(out / "train")) == paths and not os.path.exists(lost + ".tmp")
+  assert shard_paths(str(out / "train")) == paths and not os.path.exists(partial)
   for path in paths:
     assert open(path, "rb").read() == contents[path]  # Deterministic: the rewritten shard is byte-equal.
     kept = (os.stat(path).st_ino, os.stat(path).st_mtime_ns) == (stats[path].st_ino, stats[path].st_mtime_ns)
@@ -288,7 +297,7 @@ def test_splits_converted_separately_merge_into_one_summary(synthetic_root, tmp_
 
 def test_every_dataset_and_split_by(tmp_path):
   root = str(tmp_path / "refer")
-  for (dataset, split_by), splits in convert.SPLITS.items():
+  for (dataset, split_by), splits in refer.SPLITS.items():
     synthetic.generate(root, num_train_images=2, num_eval_images=1, dataset=dataset, split_by=split_by)
     out = str(tmp_path / f"{dataset}_{split_by}")
     summary = convert.convert(root, os.path.join(root, "images", "train2014"), dataset, split_by, out,
@@ -314,18 +323,40 @@ def test_a_spawned_worker_writes_the_same_shards(synthetic_root, tmp_path):
     assert f.read() == g.read()
 
 
-def test_command_line(synthetic_root, tmp_path, capsys):
-  with pytest.raises(SystemExit):
-    convert.main(["--help"])
-  usage = capsys.readouterr().out
-  assert "pickle" in usage and "TFDS" in usage
+def test_command_line(synthetic_root, tmp_path):
+  usage = run_module("input_pipeline.convert", "--help").stdout  # absl's --help exits with status 1.
+  assert "pickle" in usage and "TFDS" in usage and "--shard_size" in usage, usage
   assert "pickle" in convert.__doc__ and "TFDS builder" in convert.__doc__
-  summary = convert.main([f"--refer_root={synthetic_root}", f"--coco_images={synthetic_root}/images",
-                          "--dataset=refcoco", "--split_by=unc", f"--out={tmp_path}", "--splits=val,testB",
-                          "--num_workers=1", "--shard_size=64"])
-  assert json.loads(capsys.readouterr().out) == summary
+  out = tmp_path / "out"
+  done = run_module("input_pipeline.convert", f"--refer_root={synthetic_root}",
+                    f"--coco_images={synthetic_root}/images", "--dataset=refcoco", "--split_by=unc", f"--out={out}",
+                    "--splits=val,testB", "--num_workers=1", "--shard_size=64")
+  assert done.returncode == 0, done.stderr
+  assert "Traceback" not in done.stderr
+  summary = json.loads(done.stdout)
+  assert summary == json.loads((out / records.SUMMARY_FILE).read_text())
   assert sorted(summary["splits"]) == ["testB", "val"]
   assert summary["splits"]["val"]["shards"] == math.ceil(len(_refs_of(synthetic_root, "val")) / 64)
+  missing = run_module("input_pipeline.convert", f"--refer_root={synthetic_root}")  # Required flags absent.
+  assert missing.returncode != 0 and "--coco_images" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_command_line_corrupt_image_is_one_error_line(synthetic_root, images_copy, tmp_path):
+  # Spawned workers (two shards of one image's refs) decode the image: neither they nor the main process may
+  # print a traceback or libjpeg's own messages; the one line names the file and the ref.
+  info = next(i for i in _val_images(synthetic_root) if len(_refs_of_image(synthetic_root, i["id"])) >= 2)
+  path = os.path.join(images_copy, info["file_name"])
+  with open(path, "r+b") as f:
+    f.truncate(400)
+  done = run_module("input_pipeline.convert", f"--refer_root={synthetic_root}", f"--coco_images={images_copy}",
+                    "--dataset=refcoco", "--split_by=unc", f"--out={tmp_path / 'out'}", "--splits=val",
+                    "--num_workers=2", "--shard_size=1")
+  assert done.returncode != 0
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1, done.stderr
+  assert "Traceback" not in done.stderr and path in lines[0] and "BadImageError" in lines[0], lines[0]
+  assert re.search(r"corrupt or truncated .*\(image_id=\d+, ref_id=\d+\)", lines[0]), lines[0]
+  assert not (tmp_path / "out" / records.SUMMARY_FILE).exists()
 
 
 def test_python2_pickles_with_utf8_byte_strings(tmp_path):
@@ -333,16 +364,16 @@ def test_python2_pickles_with_utf8_byte_strings(tmp_path):
   path = tmp_path / "refs(unc).p"
   path.write_bytes(b"\x80\x02]q\x00}q\x01(U\x06ref_idK\x07U\x06ann_idK\x01U\x08image_idK\x02U\x0bcategory_id"
                    b"K\x03U\x05splitU\x05trainU\tsentences]q\x02}q\x03U\x04sentU\x05caf\xc3\xa9saua.")
-  refs = convert.load_refs(str(path))
+  refs = refer.load_refs(str(path))
   assert refs == [{"ref_id": 7, "ann_id": 1, "image_id": 2, "category_id": 3, "split": "train",
                    "sentences": [{"sent": "café"}]}]
 
 
 def test_decode_annotation_mask_rejects_mismatched_rle():
   rle = {"size": [4, 5], "counts": [3, 2, 15]}
-  np.testing.assert_array_equal(convert.decode_annotation_mask(rle, 4, 5).reshape(-1, order="F"),
+  np.testing.assert_array_equal(refer.decode_annotation_mask(rle, 4, 5).reshape(-1, order="F"),
                                 [0] * 3 + [1] * 2 + [0] * 15)
   with pytest.raises(ValueError, match=r"annotation 9: RLE size \[4, 5\] differs"):
-    convert.decode_annotation_mask(rle, 5, 4, where="annotation 9")
+    refer.decode_annotation_mask(rle, 5, 4, where="annotation 9")
   with pytest.raises(ValueError, match="empty segmentation"):
-    convert.decode_annotation_mask([], 5, 4)
+    refer.decode_annotation_mask([], 5, 4)

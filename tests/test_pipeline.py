@@ -1,27 +1,34 @@
-"""Tests of input_pipeline.pipeline against NumPy implementations of protocol.md's preprocessing.
+"""Tests of input_pipeline.pipeline against NumPy implementations of the preprocessing in docs/data.md.
 
-The shards are written here with PIL and `tf.train.Example` in the `input_pipeline.records` layout, so the
-tests do not depend on the converter.
+The shards are written here from PIL images with `records.make_example`, so the tests do not depend on the
+converter; token truncation is checked against `fcnet_jax.tokenizer.tokenize` on real sentences.
 """
 import collections
 import io
-import json
 import os
+import re
 from typing import Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFilter
+import pytest
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import PIL.Image  # pylint: disable=g-import-not-at-top,wrong-import-position
-import PIL.ImageDraw  # pylint: disable=g-import-not-at-top,wrong-import-position
-import PIL.ImageFilter  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import fileio
+from fcnet_jax import tokenizer
+from fixtures_refer import coco_masks
+from fixtures_refer import load_refs
+from fixtures_refer import run_module
+from input_pipeline import convert
+from input_pipeline import import_tensorflow
+from input_pipeline import metadata
+from input_pipeline import pipeline
+from input_pipeline import records
+from input_pipeline import synthetic
 
-from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from input_pipeline import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-SOT, EOT = 49406, 49407
+tf = import_tensorflow()
+SOT, EOT = tokenizer.SOT_TOKEN, tokenizer.EOT_TOKEN
 STORED = records.STORED_CONTEXT_LENGTH
 MEAN = np.array([123, 117, 104], np.uint8)
 
@@ -59,6 +66,14 @@ def _sentence_tokens(rng: np.random.Generator, length: int) -> np.ndarray:
   return row
 
 
+def _np_truncate(tokens: np.ndarray, length: int) -> np.ndarray:
+  """CLIP's truncation of [SOS] … [EOS] 0… rows to `length`: a row with no [EOS] in its first ids ends with one."""
+  out = np.array(tokens[..., :length])
+  overflow = ~(out == EOT).any(axis=-1)
+  out[..., length - 1] = np.where(overflow, EOT, out[..., length - 1])
+  return out
+
+
 def _make_ref(rng, ref_id, height, width, num_sentences, fmt="PNG", mode=None, word_counts=None):
   image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
   if fmt == "JPEG":  # Smooth content, on which JPEG decoders (TF's libjpeg, PIL) agree to a few levels.
@@ -78,28 +93,12 @@ def _make_ref(rng, ref_id, height, width, num_sentences, fmt="PNG", mode=None, w
 
 def _example_bytes(ref) -> bytes:
   height, width = ref["mask"].shape
-
-  def ints(values):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
-
-  def blobs(values):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
-
-  feature = {
-      "image/encoded": blobs([ref["encoded"]]),
-      "image/height": ints([height]),
-      "image/width": ints([width]),
-      "mask/encoded": blobs([_encode(ref["mask"], "PNG")]),
-      "ref_id": ints([ref["ref_id"]]),
-      "ann_id": ints([ref["ref_id"] + 1000]),
-      "image_id": ints([ref["ref_id"] + 2000]),
-      "category_id": ints([1]),
-      "bbox": tf.train.Feature(float_list=tf.train.FloatList(value=[0.0, 0.0, width, height])),
-      "sentences/sent": blobs([f"sentence {s}".encode() for s in ref["sent_ids"]]),
-      "sentences/sent_id": ints(ref["sent_ids"]),
-      "sentences/tokens": ints(ref["tokens"].reshape(-1)),
-  }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  return records.make_example(
+      image=ref["encoded"], height=height, width=width, mask_png=_encode(ref["mask"], "PNG"),
+      ref_id=ref["ref_id"], ann_id=ref["ref_id"] + 1000, image_id=ref["ref_id"] + 2000, category_id=1,
+      bbox=[0.0, 0.0, width, height],
+      sents=ref.get("sents", [f"sentence {s}" for s in ref["sent_ids"]]), sent_ids=ref["sent_ids"],
+      tokens=ref["tokens"])
 
 
 def _write_split(data_dir: str, split: str, shards, summary_sentences=None):
@@ -111,16 +110,14 @@ def _write_split(data_dir: str, split: str, shards, summary_sentences=None):
       for ref in refs:
         writer.write(_example_bytes(ref))
   summary_path = os.path.join(data_dir, records.SUMMARY_FILE)
-  summary = {"dataset": "test", "split_by": "unc", "context_length": STORED, "splits": {}}
+  summary = {"dataset": "refcoco", "split_by": "unc", "context_length": STORED, "splits": {}}
   if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+    summary = fileio.read_json(summary_path)
   sentences = sum(len(r["sent_ids"]) for refs in shards for r in refs)
   summary["splits"][split] = {"refs": sum(len(refs) for refs in shards),
                               "sentences": sentences if summary_sentences is None else summary_sentences,
                               "shards": len(shards)}
-  with open(summary_path, "w") as f:
-    json.dump(summary, f)
+  fileio.write_json(summary_path, summary)
 
 
 EXTREME_SIZES = [(640, 40), (30, 640), (1, 1), (480, 640), (427, 640), (640, 427), (100, 120), (333, 500),
@@ -285,16 +282,139 @@ def test_tokens_truncated_with_eos_last(data, shape_examples):
   stored_long, stored_short = ref["tokens"]
   np.testing.assert_array_equal(long, [SOT, *stored_long[1:4], EOT])
   np.testing.assert_array_equal(short, [SOT, stored_short[1], EOT, 0, 0])
-  np.testing.assert_array_equal(np.stack([long, short]), records.truncate_tokens(ref["tokens"], 5))
+  np.testing.assert_array_equal(np.stack([long, short]), _np_truncate(ref["tokens"], 5))
 
 
-def test_truncate_tokens_matches_records():
+def test_truncate_tokens_matches_clip_rule():
   rng = np.random.default_rng(3)
   rows = np.stack([_sentence_tokens(rng, n) for n in range(0, 80, 3)])
   for length in (2, 5, 17, 22, 77):
-    got = np.stack([pipeline.truncate_tokens(tf.constant(row), length).numpy() for row in rows])
-    np.testing.assert_array_equal(got, records.truncate_tokens(rows, length))
+    got = records.truncate_tokens(rows, length).numpy()
+    np.testing.assert_array_equal(got, _np_truncate(rows, length))
     assert got.dtype == np.int32
+    for row in rows:  # One row at a time, as the pipeline calls it.
+      np.testing.assert_array_equal(records.truncate_tokens(row, length).numpy(), _np_truncate(row, length))
+
+
+# Real sentences whose CLIP BPE holds id 0: "!" that does not end a word, inside a run of punctuation ("dog!;"
+# is [SOS] dog 0 ; [EOS]). _BANG_WORDS[:k] + "!;" puts the 0 at index k + 1.
+_BANG_WORDS = ("the man in the red shirt on the left side of the picture next to the tall woman holding a small "
+               "white dog").split()
+BANG_LENGTHS = (2, 3, 5, 8, 17, 22)  # L values at which the 0 lands exactly at index L.
+
+
+def _bang_sentences():
+  texts = ["!~", "dog!;", "the dog!;", "left cat!/", "the bird!~ on top", "man on the left!=right"]
+  texts += [" ".join(_BANG_WORDS[:length - 1]) + "!;" for length in BANG_LENGTHS]
+  return texts
+
+
+def test_bang_sentences_put_id_0_at_index_l():
+  # The premise of the truncation tests below, from the tokenizer itself.
+  texts = _bang_sentences()
+  tokens = tokenizer.tokenize(texts, STORED)
+  covered = set()
+  for text, row in zip(texts, tokens):
+    eos = int(np.flatnonzero(row == EOT)[0])
+    bangs = {int(i) for i in np.flatnonzero(row[:eos] == 0)}
+    assert bangs, text
+    covered |= {length for length in BANG_LENGTHS if length in bangs}
+  assert covered == set(BANG_LENGTHS)
+
+
+def test_truncation_of_sentences_containing_id_0_agrees_with_the_tokenizer():
+  texts = _bang_sentences()
+  stored = tokenizer.tokenize(texts, STORED)
+  for length in range(2, 26):
+    np.testing.assert_array_equal(records.truncate_tokens(stored, length).numpy(), tokenizer.tokenize(texts, length),
+                                  err_msg=f"L={length}")
+
+
+@pytest.fixture(scope="module")
+def bang_data(tmp_path_factory):
+  """A split whose refs carry the id-0 sentences, written as real records (sentences, stored 77 ids)."""
+  rng = np.random.default_rng(7)
+  data_dir = str(tmp_path_factory.mktemp("bang"))
+  texts = _bang_sentences()
+  refs = []
+  for i in range(0, len(texts), 2):
+    ref = _make_ref(rng, 700 + i, 12, 16, 1)
+    ref["sents"] = texts[i:i + 2]
+    ref["sent_ids"] = [7000 + i + k for k in range(len(ref["sents"]))]
+    ref["tokens"] = np.asarray(tokenizer.tokenize(ref["sents"], STORED))
+    refs.append(ref)
+  _write_split(data_dir, "bang", [refs])
+  return data_dir, {s: t for ref in refs for s, t in zip(ref["sent_ids"], ref["sents"])}
+
+
+@pytest.mark.parametrize("length", BANG_LENGTHS)
+def test_pipeline_batches_of_sentences_containing_id_0_end_with_eos(bang_data, length):
+  data_dir, text_of = bang_data
+  examples = [e for e in _unbatch(_all_batches(pipeline.eval_iterator(
+      data_dir, "bang", image_size=8, context_length=length, batch_size=4, canvas=16))) if e["valid"]]
+  assert sorted(int(e["sent_id"]) for e in examples) == sorted(text_of)
+  for e in examples:
+    text = text_of[int(e["sent_id"])]
+    np.testing.assert_array_equal(e["tokens"], tokenizer.tokenize(text, length)[0], err_msg=text)
+    assert EOT in e["tokens"], text  # The text encoder reads the sentence feature at [EOS].
+  # The training stream cuts the tokens the same way.
+  batch = next(pipeline.train_iterator(data_dir, "bang", image_size=8, context_length=length,
+                                       batch_size=len(text_of) // 2, seed=0, shuffle_buffer=8))
+  for tokens, sent_id in zip(batch["tokens"], batch["sent_id"]):
+    np.testing.assert_array_equal(tokens, tokenizer.tokenize(text_of[int(sent_id)], length)[0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Letterbox at extreme aspect ratios: a resized side of 1–3 pixels, under the model's stride of 4.
+
+THIN_SIZES = [(2000, 3), (3, 2000), (2000, 50), (50, 2000), (2000, 80), (1500, 2)]
+
+
+def _thin_ref(ref_id, height, width):
+  """A vertical (or horizontal) colour ramp, the mask the middle half of the long side across the short side."""
+  ramp = np.linspace(0, 255, max(height, width))
+  grey = np.broadcast_to(ramp[:, None] if height > width else ramp[None, :], (height, width))
+  image = np.stack([grey, 255 - grey, np.full_like(grey, 60)], -1).round().astype(np.uint8)
+  mask = np.zeros((height, width), np.uint8)
+  if height > width:
+    mask[height // 4:3 * height // 4] = 1
+  else:
+    mask[:, width // 4:3 * width // 4] = 1
+  return {"ref_id": ref_id, "image": image, "encoded": _encode(image, "PNG"), "mask": mask,
+          "tokens": tokenizer.tokenize(["thin"], STORED), "sent_ids": [ref_id]}
+
+
+def test_letterbox_of_extreme_aspect_ratios(tmp_path):
+  size = 64
+  refs = [_thin_ref(800 + i, h, w) for i, (h, w) in enumerate(THIN_SIZES)]
+  _write_split(str(tmp_path), "thin", [refs])
+  batch = next(pipeline.train_iterator(str(tmp_path), "thin", image_size=size, context_length=5,
+                                       batch_size=len(refs), seed=0, shuffle_buffer=1))
+  short_sides = set()
+  for i, ref_id in enumerate(batch["ref_id"]):
+    ref = refs[int(ref_id) - 800]
+    height, width = ref["mask"].shape
+    resized, offset, scale = _np_letterbox_params(height, width, size)
+    assert tuple(batch["resized_hw"][i]) == resized and tuple(batch["offset"][i]) == offset, (height, width)
+    assert batch["scale"][i] == np.float32(scale)
+    (nh, nw), (top, left) = resized, offset
+    short_sides.add(min(nh, nw))
+    assert max(nh, nw) == size
+    inside = np.zeros((size, size), bool)
+    inside[top:top + nh, left:left + nw] = True
+    # Padding: the mean colour around the strip, no foreground there; the strip is centred.
+    np.testing.assert_array_equal(batch["image"][i][~inside], np.broadcast_to(MEAN, (np.sum(~inside), 3)))
+    assert not batch["mask"][i][~inside].any()
+    assert abs((size - nh - top) - top) <= 1 and abs((size - nw - left) - left) <= 1
+    got = batch["image"][i][top:top + nh, left:left + nw].astype(np.float64)
+    assert np.abs(got - np.round(_np_resize(ref["image"], nh, nw))).max() <= 1, (height, width)
+    # The mask keeps the middle half of the long side over the whole short side.
+    strip = batch["mask"][i][top:top + nh, left:left + nw]
+    np.testing.assert_array_equal(strip, _np_resize(ref["mask"], nh, nw) >= 0.5, err_msg=str((height, width)))
+    profile = strip.min(axis=1) if nh > nw else strip.min(axis=0)
+    assert np.array_equal(profile, strip.max(axis=1) if nh > nw else strip.max(axis=0))
+    assert profile.sum() == size // 2 and profile[size // 4:3 * size // 4].all(), (height, width)
+  assert short_sides == {1, 2, 3}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -369,7 +489,7 @@ def test_train_samples_random_sentences_with_matching_tokens(data):
     for ref_id, sent_id, tokens in zip(batch["ref_id"], batch["sent_id"], batch["tokens"]):
       ref = refs[int(ref_id)]
       k = ref["sent_ids"].index(int(sent_id))
-      np.testing.assert_array_equal(tokens, records.truncate_tokens(ref["tokens"][k], 8))
+      np.testing.assert_array_equal(tokens, _np_truncate(ref["tokens"][k], 8))
       chosen[int(ref_id)][k] += 1
   multi = [ref_id for ref_id, r in refs.items() if len(r["sent_ids"]) > 1]
   assert all(len(chosen[ref_id]) > 1 for ref_id in multi)
@@ -467,15 +587,27 @@ def test_dataset_info_and_errors(data, tmp_path):
                           process_count=2)
 
 
+def test_dataset_info_checks_dataset_and_split_by(data):
+  path = os.path.join(data["dir"], records.SUMMARY_FILE)
+  assert pipeline.dataset_info(data["dir"], "refcoco", "unc")["dataset"] == "refcoco"
+  assert pipeline.dataset_info(data["dir"], dataset="refcoco")["split_by"] == "unc"
+  # A RefCOCO+ configuration pointed at RefCOCO shards: the error names both datasets and the file.
+  with pytest.raises(ValueError, match=(f"{re.escape(path)} holds dataset='refcoco', split_by='unc', but the "
+                                        "configuration asks for dataset='refcoco\\+'")):
+    pipeline.dataset_info(data["dir"], "refcoco+", "unc")
+  with pytest.raises(ValueError, match="holds dataset='refcoco', split_by='unc'.*asks for split_by='google'"):
+    pipeline.dataset_info(data["dir"], split_by="google")
+
+
 def test_count_records_reads_headers_and_rejects_truncated_files(data, tmp_path):
   for index, shard in enumerate(data["train_shards"]):
     path = os.path.join(data["dir"], "train", records.shard_name("train", index, 4))
-    assert pipeline._count_records(path) == len(shard)  # pylint: disable=protected-access
+    assert metadata.count_records(path) == len(shard)
   with open(path, "rb") as f:
     truncated = f.read()[:-3]
   (tmp_path / "cut.tfrecord").write_bytes(truncated)
   with pytest.raises(ValueError, match="truncated"):
-    pipeline._count_records(str(tmp_path / "cut.tfrecord"))  # pylint: disable=protected-access
+    metadata.count_records(str(tmp_path / "cut.tfrecord"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -484,9 +616,6 @@ def test_count_records_reads_headers_and_rejects_truncated_files(data, tmp_path)
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on NumPy 2.
 def test_end_to_end_from_synthetic_refer_data(tmp_path):
-  from fcnet_jax import tokenizer  # pylint: disable=g-import-not-at-top
-  from fixtures_refer import coco_masks, load_refs  # pylint: disable=g-import-not-at-top
-  from input_pipeline import convert, synthetic  # pylint: disable=g-import-not-at-top
   root, out = str(tmp_path / "refer"), str(tmp_path / "tfrecords")
   synthetic.generate(root, seed=0, num_train_images=6, num_eval_images=3, splits=("train", "val"))
   convert.convert(root, os.path.join(root, "images"), "refcoco", "unc", out, splits=["train", "val"],
@@ -511,3 +640,17 @@ def test_end_to_end_from_synthetic_refer_data(tmp_path):
   assert sorted(got) == sorted(expected)
   batch = next(pipeline.train_iterator(out, "train", image_size=64, context_length=8, batch_size=8, seed=0))
   assert all(refs[int(i)]["split"] == "train" for i in batch["ref_id"]) and batch["mask"].any(axis=(1, 2)).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The throughput tool.
+
+
+def test_throughput_command_line_smoke(tmp_path):
+  done = run_module("input_pipeline.throughput", f"--data_dir={tmp_path}", "--write_fake=3", "--steps=1",
+                    "--warmup_steps=0", "--batch_size=2", "--image_size=32", "--shuffle_buffer=2")
+  assert done.returncode == 0, done.stderr
+  assert re.search(r"[0-9.]+ examples/s on \d+ core\(s\)", done.stdout), done.stdout
+  info = pipeline.dataset_info(str(tmp_path))
+  assert info["splits"]["train"]["refs"] == 3 and info["splits"]["train"]["shards"] == 1
+  assert metadata.count_records(os.path.join(tmp_path, "train", records.shard_name("train", 0, 1))) == 3

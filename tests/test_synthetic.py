@@ -14,7 +14,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fixtures_refer import coco_masks, load_instances, load_refs  # pylint: disable=g-multiple-import
+from fixtures_refer import coco_masks
+from fixtures_refer import load_instances
+from fixtures_refer import load_refs
+from fixtures_refer import run_module
+from input_pipeline import refer
 from input_pipeline import synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -25,7 +29,7 @@ SIZE_THRESHOLD = 0.235  # Between the small and large bounding-box extents (frac
 
 @pytest.fixture(scope="module")
 def default_root(tmp_path_factory):
-  """The dataset `python -m input_pipeline.synthetic --out=...` writes with its defaults."""
+  """The dataset `python -m input_pipeline.synthetic --out=...` writes with its defaults (the CLI's too)."""
   root = str(tmp_path_factory.mktemp("default"))
   summary = synthetic.generate(root)
   return root, summary
@@ -218,14 +222,27 @@ def test_deterministic_given_seed(tmp_path, default_root):
   assert match == images
 
 
-def test_other_datasets_and_cli(tmp_path, capsys):
-  summary = synthetic.generate(str(tmp_path), num_train_images=4, num_eval_images=4, dataset="refcocog",
-                               split_by="umd")
-  refs = load_refs(str(tmp_path), "refcocog", "umd")
-  assert sorted({r["split"] for r in refs}) == ["test", "train", "val"] == sorted(summary["splits"])
-  synthetic.main([f"--out={tmp_path / 'cli'}", "--seed=3", "--num_images=2", "--num_eval_images=1"])
-  printed = capsys.readouterr().out
-  assert '"seed": 3' in printed
+@pytest.mark.parametrize("dataset,split_by", sorted(refer.SPLITS))
+def test_every_dataset_and_split_by_of_the_config(tmp_path, dataset, split_by):
+  # config.data.dataset / split_by reach generate(): each known combination gets its own splits.
+  summary = synthetic.generate(str(tmp_path), num_train_images=1, num_eval_images=1, dataset=dataset,
+                               split_by=split_by)
+  refs = load_refs(str(tmp_path), dataset, split_by)
+  assert tuple(summary["splits"]) == refer.SPLITS[(dataset, split_by)]
+  assert sorted({r["split"] for r in refs}) == sorted(refer.SPLITS[(dataset, split_by)])
+
+
+def test_unknown_dataset_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="'refcoco\\+'.*'umd'.*known: refcoco/unc"):
+    synthetic.generate(str(tmp_path), num_train_images=1, num_eval_images=1, dataset="refcoco+", split_by="umd")
+  assert not os.listdir(tmp_path)
+
+
+def test_command_line(tmp_path):
+  done = run_module("input_pipeline.synthetic", f"--out={tmp_path / 'cli'}", "--seed=3", "--num_train_images=2",
+                    "--num_eval_images=1")
+  assert done.returncode == 0, done.stderr
+  assert '"seed": 3' in done.stdout
   with open(tmp_path / "cli" / "refcoco" / "refs(unc).p", "rb") as f:
     assert {r["split"] for r in pickle.load(f)} == {"train", "val", "testA", "testB"}
   with Image.open(io.BytesIO((tmp_path / "cli" / "images" / "train2014" /
