@@ -58,4 +58,8 @@ def write_json(path: PathLike, payload: Mapping[str, Any]) -> None:
 
 
 def read_json(path: PathLike) -> Any:
-  return json.loads(as_path(path).read_text())
+  """The parsed JSON of `path`; a malformed file is a ValueError naming it."""
+  try:
+    return json.loads(as_path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from None

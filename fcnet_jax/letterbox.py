@@ -27,6 +27,9 @@ import numpy as np
 
 CUBIC_A = -0.75  # OpenCV's and PyTorch's bicubic kernel parameter.
 LETTERBOX_MODES = ("integer", "cris")
+# The value of a foreground pixel in the letterboxed uint8 mask each mode ships: 0/1 masks for "integer", OpenCV's
+# linearly interpolated 0…255 levels for "cris". The training target is mask / MASK_LEVELS[mode].
+MASK_LEVELS = {"integer": 1, "cris": 255}
 CRIS_IOU_EPSILON = 1e-6  # IoU = I / (U + ε): an empty union scores 0 under CRIS's protocol.
 _INTER_BITS = 5  # OpenCV: sub-pixel positions in 1/32 pixel.
 _AB_BITS = 10  # OpenCV warpAffine: fixed-point bits of the mapped coordinates.
@@ -119,10 +122,11 @@ def _warp_separable(image: np.ndarray, rows: Tuple[Any, Any, Any], cols: Tuple[A
 
 def cris_letterbox(image: np.ndarray, mask: np.ndarray, size: int,
                    mean_rgb: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
-  """CRIS's preprocessing of one example on the host: (S×S×3 uint8 image, S×S float32 soft mask in [0, 1]).
+  """CRIS's preprocessing of one example on the host: (S×S×3 uint8 image, S×S uint8 mask levels 0…255).
 
   The image as `cv2.warpAffine(image, M, (S, S), INTER_CUBIC, borderValue=mean)`, the 0/1 mask as
-  `cv2.warpAffine(mask·255, M, (S, S), INTER_LINEAR, borderValue=0) / 255`, rounded like OpenCV's uint8 output.
+  `cv2.warpAffine(mask·255, M, (S, S), INTER_LINEAR, borderValue=0)`, rounded like OpenCV's uint8 output. CRIS
+  trains on the soft target mask / 255 (`MASK_LEVELS["cris"]`).
   """
   height, width = image.shape[:2]
   scale, bias_y, bias_x = (float(v) for v in cris_affine(height, width, size))
@@ -133,8 +137,7 @@ def cris_letterbox(image: np.ndarray, mask: np.ndarray, size: int,
   soft = _warp_separable(np.asarray(mask, np.float64)[..., None] * 255.0, axis(height, bias_y, "linear"),
                          axis(width, bias_x, "linear"), np.zeros(1))
   image_out = np.clip(np.round(warped), 0, 255).astype(np.uint8)
-  mask_out = (np.clip(np.round(soft[..., 0]), 0, 255) / 255.0).astype(np.float32)
-  return image_out, mask_out
+  return image_out, np.clip(np.round(soft[..., 0]), 0, 255).astype(np.uint8)
 
 
 def cris_inverse(prob: Any, orig_hw: Any, canvas: int, image_size: int) -> Any:

@@ -4,10 +4,10 @@ Every metric is a sum or a count, so `merge` over batches, devices and hosts is 
 `Collection.single_from_model_output(**outputs)` under `jit` with sharded arrays (the sums reduce over the global
 batch); `gather_from_model_output` is for `pmap`/`shard_map` with a named batch axis.
 
-  outputs = eval_step_outputs(logits, batch, threshold=config.mask_threshold, canvas=config.data.eval_canvas)
+  outputs = eval_step_outputs(logits, batch, config.mask_threshold, config.data.eval_canvas, config.model.image_size)
   update = EvalMetrics.single_from_model_output(**outputs)
   metrics = update if metrics is None else metrics.merge(update)
-  metrics.compute()  # {"mIoU": …, "oIoU": …, "prec@0.5": …, …, "prec@0.9": …, "count": …} Python floats.
+  metrics.compute()  # {"mIoU", "oIoU", "prec@0.5", …, "cris/mIoU", …, "count"}: Python floats.
 
 `clu.metrics.Std` is not used: it is broken on current jax.
 """
@@ -20,6 +20,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 
 from fcnet_jax import image_ops
+from fcnet_jax import letterbox
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 _LOW_BITS = 20  # Per-sample counts are ≤ 640² < 2^19; sums are kept as hi·2^20 + lo in int32 (exact).
@@ -55,18 +56,18 @@ def _mean_of(name: str) -> type:
   return MeanOf
 
 
-def _precision_at(threshold: float) -> type:
-  """Prec@X: the fraction of (unmasked) examples with IoU strictly greater than X (CRIS)."""
+def _precision_at(threshold: float, name: str = "iou") -> type:
+  """Prec@X: the fraction of (unmasked) examples whose model output `name` (an IoU) is strictly greater than X."""
 
   @flax.struct.dataclass
   class PrecisionAt(clu_metrics.Average):
 
     @classmethod
-    def from_model_output(cls, iou: jax.Array, **model_output):
-      hits = (jnp.asarray(iou) > threshold).astype(jnp.float32)
+    def from_model_output(cls, **model_output):
+      hits = (jnp.asarray(model_output[name]) > threshold).astype(jnp.float32)
       return super().from_model_output(hits, mask=_model_output_mask(hits, model_output))
 
-  PrecisionAt.__name__ = PrecisionAt.__qualname__ = f"PrecisionAt{int(round(threshold * 100))}"
+  PrecisionAt.__name__ = PrecisionAt.__qualname__ = f"PrecisionAt{int(round(threshold * 100))}_{name}"
   return PrecisionAt
 
 
@@ -96,8 +97,13 @@ class OverallIoU(clu_metrics.Metric):
     zero = jnp.array(0, jnp.int32)
     return cls(zero, zero, zero, zero)
 
+  # The model outputs read (`CrisOverallIoU` reads the CRIS-protocol counts).
+  intersection_name = "intersection"
+  union_name = "union"
+
   @classmethod
-  def from_model_output(cls, intersection: jax.Array, union: jax.Array, **model_output) -> "OverallIoU":
+  def from_model_output(cls, **model_output) -> "OverallIoU":
+    intersection, union = model_output[cls.intersection_name], model_output[cls.union_name]
     mask = _model_output_mask(jnp.asarray(intersection), model_output)
     if mask is None:
       mask = jnp.ones(jnp.shape(intersection), bool)
@@ -125,6 +131,13 @@ class OverallIoU(clu_metrics.Metric):
     """Host side. An empty total union (every prediction and mask empty) gives 1, like a per-sample IoU."""
     totals = self.totals()
     return totals["intersection"] / totals["union"] if totals["union"] else 1.0
+
+
+@flax.struct.dataclass
+class CrisOverallIoU(OverallIoU):
+  """oIoU of the CRIS-protocol maps (`cris_intersection`, `cris_union`)."""
+  intersection_name = "cris_intersection"
+  union_name = "cris_union"
 
 
 @flax.struct.dataclass
@@ -169,7 +182,7 @@ class TrainMetrics(clu_metrics.Collection):
 
 @flax.struct.dataclass
 class EvalMetrics(clu_metrics.Collection):
-  """The protocol's metrics in the original image frame (`eval_step_outputs`); padding examples excluded."""
+  """Both protocols' metrics in the original image frame (`eval_step_outputs`); padding examples excluded."""
   miou: _mean_of("iou")
   oiou: OverallIoU
   prec_50: _precision_at(0.5)
@@ -177,18 +190,29 @@ class EvalMetrics(clu_metrics.Collection):
   prec_70: _precision_at(0.7)
   prec_80: _precision_at(0.8)
   prec_90: _precision_at(0.9)
+  cris_miou: _mean_of("cris_iou")
+  cris_oiou: CrisOverallIoU
+  cris_prec_50: _precision_at(0.5, "cris_iou")
+  cris_prec_60: _precision_at(0.6, "cris_iou")
+  cris_prec_70: _precision_at(0.7, "cris_iou")
+  cris_prec_80: _precision_at(0.8, "cris_iou")
+  cris_prec_90: _precision_at(0.9, "cris_iou")
   count: Count
 
   def compute(self) -> Dict[str, float]:
-    """{"mIoU", "oIoU", "prec@0.5", …, "prec@0.9", "count"} as Python floats (host side).
+    """{"mIoU", "oIoU", "prec@0.5", …, "prec@0.9", "cris/mIoU", …, "cris/prec@0.9", "count"} as Python floats.
 
-    mIoU is the mean of per-sample IoU — the "IoU" of CRIS's and FCNet's tables; oIoU is total intersection
-    over total union. With no scored example mIoU and Prec@X are NaN.
+    mIoU is the mean of per-sample IoU (the "IoU" of CRIS's and FCNet's tables), oIoU total intersection over
+    total union; the unprefixed metrics are our protocol, "cris/…" the same metrics under CRIS's (docs/data.md,
+    "Evaluation"). With no scored example mIoU and Prec@X are NaN.
     """
     values = super().compute()
-    result = {"mIoU": values["miou"], "oIoU": values["oiou"]}
-    for threshold in PRECISION_THRESHOLDS:
-      result[f"prec@{threshold:.1f}"] = values[f"prec_{int(round(threshold * 100))}"]
+    result = {}
+    for prefix, field in (("", ""), ("cris/", "cris_")):
+      result[f"{prefix}mIoU"] = values[f"{field}miou"]
+      result[f"{prefix}oIoU"] = values[f"{field}oiou"]
+      for threshold in PRECISION_THRESHOLDS:
+        result[f"{prefix}prec@{threshold:.1f}"] = values[f"{field}prec_{int(round(threshold * 100))}"]
     result["count"] = values["count"]
     return _as_floats(result)
 
@@ -213,24 +237,28 @@ def train_step_outputs(logits: jax.Array, target: jax.Array, loss: jax.Array,
 
 
 def eval_step_outputs(logits: jax.Array, batch: Mapping[str, jax.Array], threshold: float, canvas: int,
-                      image_size: Optional[int] = None,
-                      target_sampling: str = "nearest") -> Dict[str, jax.Array]:
-  """The model outputs `EvalMetrics` consumes, scored in the ORIGINAL image frame (docs/data.md).
+                      image_size: int, letterbox_mode: str = "integer") -> Dict[str, jax.Array]:
+  """The model outputs `EvalMetrics` consumes, scored in the ORIGINAL image frame under both protocols.
 
-  sigmoid → `inverse_letterbox` to K×K → `> threshold` → intersection/union with `orig_mask`, both restricted to
-  `valid_region` (the h×w image at the canvas's top-left).
+  Ours: sigmoid → `image_ops.inverse_letterbox` (one bilinear map, the geometry of the letterbox the batch was
+  made with) → `> threshold` → intersection/union with `orig_mask`; IoU of an empty union is 1.
+  CRIS's: sigmoid → `letterbox.cris_inverse` (bicubic align_corners upsampling to S, OpenCV's cubic inverse warp
+  of the float affine) → `> threshold` → IoU = I / (U + ε), 0 for an empty union. Both are restricted to
+  `valid_region` (the h×w image at the canvas's top-left). docs/data.md, "Evaluation".
 
   Args:
     logits: B×P×P or B×P×P×1 mask logits.
-    batch: needs "resized_hw", "offset", "orig_hw" (B×2 int), "orig_mask" (B×K×K uint8) and, unless
-      `image_size` is given, "image" (B×S×S×3, for S); optional "valid" (B bool, False = padding example).
+    batch: needs "resized_hw", "offset", "orig_hw" (B×2 int), "orig_mask" (B×K×K uint8); optional "valid"
+      (B bool, False = padding example).
     threshold: probability threshold (config.mask_threshold, 0.35 as CRIS).
     canvas: K (config.data.eval_canvas); must equal orig_mask's side.
-    image_size: S (config.model.image_size); defaults to batch["image"].shape[1].
-    target_sampling: see `image_ops` ("nearest" for targets made by `downsample_mask`).
+    image_size: S (config.model.image_size).
+    letterbox_mode: how the batch was letterboxed (config.data.letterbox): "integer" reads the batch's rounded
+      geometry; "cris" derives CRIS's float geometry from orig_hw for our protocol's inverse map.
 
   Returns:
-    {"intersection": B int32, "union": B int32, "iou": B float32, "mask": B bool}.
+    {"intersection", "union", "cris_intersection", "cris_union": B int32, "iou", "cris_iou": B float32,
+     "mask": B bool}.
   """
   missing = [name for name in EVAL_BATCH_FIELDS if name not in batch]
   if missing:
@@ -239,19 +267,28 @@ def eval_step_outputs(logits: jax.Array, batch: Mapping[str, jax.Array], thresho
   if orig_mask.ndim != 3 or orig_mask.shape[1:] != (canvas, canvas):
     raise ValueError(f"batch['orig_mask'] has shape {orig_mask.shape}, expected B×{canvas}×{canvas} "
                      "(config.data.eval_canvas)")
-  if image_size is None:
-    if "image" not in batch:
-      raise KeyError("eval_step_outputs needs image_size or batch['image'] to know the letterbox size S")
-    image_size = batch["image"].shape[1]
-  logits = _squeeze_channel(logits)
-  prob = image_ops.inverse_letterbox(jax.nn.sigmoid(logits.astype(jnp.float32)), batch["resized_hw"],
-                                     batch["offset"], batch["orig_hw"], canvas, image_size, target_sampling)
-  region = image_ops.valid_region(batch["orig_hw"], canvas)
-  intersection, union = image_ops.batch_iou_terms(prob, orig_mask, threshold, region)
+  prob = jax.nn.sigmoid(_squeeze_channel(logits).astype(jnp.float32))
+  orig_hw = batch["orig_hw"]
+  if letterbox.check_mode(letterbox_mode) == "cris":
+    # OpenCV maps pixel indices (index i → scale·i + bias); in pixel-centre coordinates the image starts at
+    # bias + (1 − scale)/2 and spans h·scale canvas pixels.
+    scale, bias_y, bias_x = letterbox.cris_affine(orig_hw[:, 0], orig_hw[:, 1], image_size, jnp)
+    resized_hw = orig_hw.astype(jnp.float32) * scale[:, None]
+    offset = jnp.stack([bias_y, bias_x], axis=-1) + 0.5 * (1.0 - scale[:, None])
+  else:
+    resized_hw, offset = batch["resized_hw"], batch["offset"]
+  region = image_ops.valid_region(orig_hw, canvas)
+  ours = image_ops.inverse_letterbox(prob, resized_hw, offset, orig_hw, canvas, image_size)
+  intersection, union = image_ops.batch_iou_terms(ours, orig_mask, threshold, region)
+  cris = letterbox.cris_inverse(prob, orig_hw, canvas, image_size)
+  cris_intersection, cris_union = image_ops.batch_iou_terms(cris, orig_mask, threshold, region)
+  # CRIS divides by U + 1e-6 in float64; in float32 that is I / U for U ≥ 1 (within 1e-6), and 0 for U = 0.
+  cris_iou = jnp.where(cris_union > 0, cris_intersection / jnp.maximum(cris_union, 1).astype(jnp.float32), 0.0)
   valid = batch.get("valid")
   mask = jnp.ones(intersection.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
   return {"intersection": intersection, "union": union, "iou": per_sample_iou(intersection, union),
-          "mask": mask}
+          "cris_intersection": cris_intersection, "cris_union": cris_union,
+          "cris_iou": cris_iou.astype(jnp.float32), "mask": mask}
 
 
 def _squeeze_channel(logits: jax.Array) -> jax.Array:

@@ -63,7 +63,7 @@ def _options(threads: int = 0) -> tf.data.Options:
 
 def train_dataset(data_dir: str, split: str, *, image_size: int, context_length: int, batch_size: int,
                   seed: int, process_index: int = 0, process_count: int = 1, shuffle_buffer: int = 4096,
-                  start_step: int = 0, threads: int = 0) -> tf.data.Dataset:
+                  start_step: int = 0, threads: int = 0, letterbox_mode: str = "integer") -> tf.data.Dataset:
   """The endless training stream of this process: shuffled refs, one random sentence per visit.
 
   Each process reads its own part of the split: whole files when there are at least as many shards as
@@ -85,6 +85,7 @@ def train_dataset(data_dir: str, split: str, *, image_size: int, context_length:
     start_step: yield the batches of the uninterrupted stream from step `start_step` on (resume). The skip
       counts records from their TFRecord headers and drops serialized records, so no image is decoded.
     threads: tf.data private thread-pool size (0: TF's default, all cores).
+    letterbox_mode: config.data.letterbox ("integer" or "cris"; `preprocess.letterbox`).
 
   Returns:
     A dataset of batches (module docstring) with static shapes, `valid` all True.
@@ -143,7 +144,7 @@ def train_dataset(data_dir: str, split: str, *, image_size: int, context_length:
     sentence = tf.random.stateless_uniform(
         [], seed=tf.stack([tf.constant(sentence_seed, tf.int64), index]), minval=0,
         maxval=tf.size(features["sentences/sent_id"]), dtype=tf.int32)
-    example, _ = preprocess.example(features, sentence, image_size, context_length)
+    example, _ = preprocess.example(features, sentence, image_size, context_length, letterbox_mode)
     return example
 
   dataset = (tf.data.Dataset.counter(first_epoch)
@@ -172,7 +173,7 @@ def eval_num_batches(num_pairs: int, batch_size: int, process_count: int) -> int
 
 def eval_dataset(data_dir: str, split: str, *, image_size: int, context_length: int, batch_size: int,
                  process_index: int = 0, process_count: int = 1, canvas: int = 640,
-                 threads: int = 0) -> tf.data.Dataset:
+                 threads: int = 0, letterbox_mode: str = "integer") -> tf.data.Dataset:
   """Every (ref, sentence) pair of a split exactly once across processes, padded to equal batch counts.
 
   Pairs are numbered in file order (sorted shard names), record order within a file and sentence order
@@ -191,6 +192,7 @@ def eval_dataset(data_dir: str, split: str, *, image_size: int, context_length: 
     process_count: `jax.process_count()`.
     canvas: K, the side of the `orig_mask` canvas; an image larger than K raises an error.
     threads: tf.data private thread-pool size (0: TF's default).
+    letterbox_mode: config.data.letterbox ("integer" or "cris"; `preprocess.letterbox`).
 
   Returns:
     A finite dataset of batches (module docstring) including `orig_mask` uint8 B×K×K.
@@ -239,7 +241,7 @@ def eval_dataset(data_dir: str, split: str, *, image_size: int, context_length: 
   @tf.autograph.experimental.do_not_convert
   def decode(serialized: tf.Tensor, sentence: tf.Tensor, valid: tf.Tensor) -> Dict[str, tf.Tensor]:
     features = records.parse(serialized, stored_length)
-    example, mask = preprocess.example(features, sentence, image_size, context_length)
+    example, mask = preprocess.example(features, sentence, image_size, context_length, letterbox_mode)
     height, width = tf.shape(mask)[0], tf.shape(mask)[1]
     ok = tf.debugging.Assert(
         tf.logical_and(height <= canvas, width <= canvas),

@@ -19,6 +19,7 @@ The tf.data functions of the pipeline have no Python control flow on tensors, so
 """
 from typing import Dict, Tuple
 
+from fcnet_jax import letterbox as letterbox_lib
 from input_pipeline import import_tensorflow
 from input_pipeline import records
 
@@ -32,26 +33,27 @@ def _fill(colour: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
   return tf.broadcast_to(colour, tf.stack([rows, cols, 3]))
 
 
-def letterbox(image: tf.Tensor, mask: tf.Tensor, image_size: int) -> Dict[str, tf.Tensor]:
+def letterbox(image: tf.Tensor, mask: tf.Tensor, image_size: int, mode: str = "integer") -> Dict[str, tf.Tensor]:
   """Letterboxes an image and its mask onto an S×S canvas (module docstring; docs/data.md).
 
   Args:
     image: uint8 h×w×3.
     mask: uint8 h×w, 0/1.
     image_size: S.
+    mode: "integer" (ours) or "cris" (CRIS's float affine, `fcnet_jax.letterbox`; config.data.letterbox).
 
   Returns:
-    image uint8 S×S×3 (padding = `MEAN_RGB_UINT8`), mask uint8 S×S (padding 0), resized_hw int32 [2],
-    offset int32 [2] (top, left), scale float32 [].
+    image uint8 S×S×3 (padding = `MEAN_RGB_UINT8`), mask uint8 S×S (padding 0; foreground = 1, or in "cris"
+    mode the interpolated levels 0…255), resized_hw int32 [2], offset int32 [2] (top, left), scale float32 []
+    ("cris": the integer letterbox's rounded size and offset, for reference only; the float geometry follows
+    from orig_hw).
   """
+  geometry = _integer_geometry(tf.shape(image)[0], tf.shape(image)[1], image_size)
+  if letterbox_lib.check_mode(mode) == "cris":
+    return _cris_letterbox(image, mask, image_size, geometry)
   size = image_size
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  # float64 so that (nh, nw) equal a NumPy float64 computation of the same formula bit for bit.
-  height_f, width_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-  scale = tf.minimum(size / height_f, size / width_f)
-  resized_h = tf.maximum(tf.cast(tf.round(height_f * scale), tf.int32), 1)
-  resized_w = tf.maximum(tf.cast(tf.round(width_f * scale), tf.int32), 1)
-  top, left = (size - resized_h) // 2, (size - resized_w) // 2
+  resized_h, resized_w = tf.unstack(geometry["resized_hw"])
+  top, left = tf.unstack(geometry["offset"])
   bottom, right = size - resized_h - top, size - resized_w - left
 
   resized = tf.image.resize(image, tf.stack([resized_h, resized_w]), method="bilinear", antialias=False)
@@ -69,13 +71,30 @@ def letterbox(image: tf.Tensor, mask: tf.Tensor, image_size: int) -> Dict[str, t
   mask_resized = tf.cast(mask_resized >= 0.5, tf.uint8)
   mask_canvas = tf.pad(mask_resized, tf.stack([tf.stack([top, bottom]), tf.stack([left, right])]))
   mask_canvas = tf.ensure_shape(mask_canvas, [size, size])
-  return {
-      "image": canvas,
-      "mask": mask_canvas,
-      "resized_hw": tf.stack([resized_h, resized_w]),
-      "offset": tf.stack([top, left]),
-      "scale": tf.cast(scale, tf.float32),
-  }
+  return {"image": canvas, "mask": mask_canvas, **geometry}
+
+
+def _integer_geometry(height: tf.Tensor, width: tf.Tensor, size: int) -> Dict[str, tf.Tensor]:
+  """resized_hw (nh, nw), offset (top, left) and scale of the integer letterbox (module docstring)."""
+  # float64 so that (nh, nw) equal a NumPy float64 computation of the same formula bit for bit.
+  height_f, width_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  scale = tf.minimum(size / height_f, size / width_f)
+  resized_h = tf.maximum(tf.cast(tf.round(height_f * scale), tf.int32), 1)
+  resized_w = tf.maximum(tf.cast(tf.round(width_f * scale), tf.int32), 1)
+  return {"resized_hw": tf.stack([resized_h, resized_w]),
+          "offset": tf.stack([(size - resized_h) // 2, (size - resized_w) // 2]),
+          "scale": tf.cast(scale, tf.float32)}
+
+
+def _cris_letterbox(image: tf.Tensor, mask: tf.Tensor, image_size: int,
+                    geometry: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+  """CRIS's letterbox (OpenCV's warpAffine, reproduced in NumPy) on the host; the integer geometry alongside."""
+  def warp(image_np, mask_np):
+    return letterbox_lib.cris_letterbox(image_np, mask_np, image_size, MEAN_RGB_UINT8)
+
+  canvas, mask_canvas = tf.numpy_function(warp, [image, mask], [tf.uint8, tf.uint8], stateful=False)
+  return {"image": tf.ensure_shape(canvas, [image_size, image_size, 3]),
+          "mask": tf.ensure_shape(mask_canvas, [image_size, image_size]), **geometry}
 
 
 def decode_image_and_mask(features: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -92,11 +111,11 @@ def decode_image_and_mask(features: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf
     return tf.identity(image), tf.identity(mask)
 
 
-def example(features: Dict[str, tf.Tensor], sentence: tf.Tensor, image_size: int,
-            context_length: int) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
+def example(features: Dict[str, tf.Tensor], sentence: tf.Tensor, image_size: int, context_length: int,
+            letterbox_mode: str = "integer") -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
   """One letterboxed example of sentence number `sentence` of a parsed record (`records.parse`), and the h×w mask."""
   image, mask = decode_image_and_mask(features)
-  out = letterbox(image, mask, image_size)
+  out = letterbox(image, mask, image_size, letterbox_mode)
   out["tokens"] = records.truncate_tokens(features["sentences/tokens"][sentence], context_length)
   out["orig_hw"] = tf.shape(image)[:2]
   out["ref_id"] = features["ref_id"]

@@ -233,12 +233,11 @@ def test_eval_metrics_merge_inside_jit_and_empty(eval_case, eval_update):
   assert empty["count"] == 0.0 and empty["oIoU"] == 1.0 and np.isnan(empty["mIoU"])
 
 
-def test_eval_step_outputs_takes_image_size_from_the_batch(eval_case):
+def test_eval_step_outputs_accepts_channel_logits_and_no_valid(eval_case):
   logits, batch, _ = eval_case
   logits, batch = logits[7:11], {k: v[7:11] for k, v in batch.items()}  # Includes a padding example.
-  with_image = dict(batch, image=np.zeros((4, S, S, 3), np.uint8))
   outputs_fn = jax.jit(metrics.eval_step_outputs, static_argnums=(2, 3, 4))
-  a = outputs_fn(logits, with_image, THRESHOLD, K)
+  a = outputs_fn(logits, batch, THRESHOLD, K, S)
   b = outputs_fn(logits[..., 0], batch, THRESHOLD, K, S)  # B×P×P logits too.
   for name in a:
     np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
@@ -253,8 +252,8 @@ def test_eval_step_outputs_reports_bad_batches(eval_case):
     metrics.eval_step_outputs(logits, {k: v for k, v in batch.items() if k != "orig_mask"}, THRESHOLD, K, S)
   with pytest.raises(ValueError, match="eval_canvas"):
     metrics.eval_step_outputs(logits, batch, THRESHOLD, 512, S)
-  with pytest.raises(KeyError, match="image_size"):
-    metrics.eval_step_outputs(logits, batch, THRESHOLD, K)
+  with pytest.raises(ValueError, match="letterbox"):
+    metrics.eval_step_outputs(logits, batch, THRESHOLD, K, S, "bicubic")
   with pytest.raises(ValueError, match="B×P×P"):
     metrics.eval_step_outputs(logits[..., 0, 0], batch, THRESHOLD, K, S)
 
