@@ -8,11 +8,10 @@ letterbox resizes an h×w image to nh×nw with half-pixel centres (tf.image.resi
 so an original continuous coordinate y lands at canvas coordinate `top + y·nh/h` (likewise for x). The model
 predicts at P = S/r (r = 4). Its training target is `downsample_mask` of the canvas mask, which takes canvas
 pixel ⌊i·S/P⌋ = r·i for prediction pixel i (PyTorch nearest, as CRIS), so a trained prediction pixel i shows the
-canvas at pixel r·i, i.e. continuous canvas coordinate r·i + 0.5 — not the centre r·i + r/2 of the r×r block it
-is computed from. `inverse_letterbox` uses that relation by default (`target_sampling="nearest"`); "area" is the
-block-centre relation that fits area-averaged targets (`jax.image.scale_and_translate`'s form). For r = 4 the two
-differ by 1.5 canvas pixels (2 original pixels for a 640-pixel side at S = 480), which costs ~1–2 IoU points on
-mid-sized objects when mismatched with the targets.
+canvas at pixel r·i, i.e. continuous canvas coordinate r·i + 0.5; `inverse_letterbox` inverts exactly that
+relation. The block-centre relation r·i + r/2 (what `jax.image.scale_and_translate` assumes, right for
+area-averaged targets) would be wrong for these targets: 1.5 canvas pixels off for r = 4, about 2 original pixels
+for a 640-pixel side at S = 480, which costs ~1–2 IoU points on mid-sized objects.
 """
 from typing import Any, Optional, Sequence, Tuple
 
@@ -26,15 +25,11 @@ Dtype = Any
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-TARGET_SAMPLINGS = ("nearest", "area")
 
-
-def normalize_images(images: jax.Array, dtype: Dtype = jnp.float32,
-                     region: Optional[jax.Array] = None) -> jax.Array:
+def normalize_images(images: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
   """B×S×S×3 uint8 RGB → B×S×S×3 `dtype`, (x/255 − CLIP mean) / CLIP std.
 
-  The host pads with the uint8 mean colour (123, 117, 104), which normalizes to |x| < 0.004. Passing `region`
-  (B×S×S bool, e.g. `letterbox_region(...)`) sets the padding to exactly 0, CRIS's float mean-colour padding.
+  The host pads with the uint8 mean colour (123, 117, 104), as CRIS does, which normalizes to |x| < 0.004.
   The arithmetic is float32 whatever `dtype` is; only the result is cast.
   """
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -42,24 +37,7 @@ def normalize_images(images: jax.Array, dtype: Dtype = jnp.float32,
   mean = jnp.asarray(CLIP_MEAN, jnp.float32)
   std = jnp.asarray(CLIP_STD, jnp.float32)
   normalized = (images.astype(jnp.float32) / 255.0 - mean) / std
-  if region is not None:
-    normalized = jnp.where(region[..., None], normalized, 0.0)
   return normalized.astype(dtype)
-
-
-def letterbox_region(resized_hw: jax.Array, offset: jax.Array, image_size: int) -> jax.Array:
-  """B×S×S bool: True on the pixels of the canvas covered by the resized image (not padding).
-
-  Args:
-    resized_hw: B×2 int (nh, nw), the size of the resized image on the canvas.
-    offset: B×2 int (top, left) of the resized image on the canvas.
-    image_size: S.
-  """
-  index = jnp.arange(image_size)
-  top, left = offset[:, 0, None], offset[:, 1, None]
-  rows = (index >= top) & (index < top + resized_hw[:, 0, None])
-  cols = (index >= left) & (index < left + resized_hw[:, 1, None])
-  return rows[:, :, None] & cols[:, None, :]
 
 
 def downsample_mask(mask: jax.Array, out_hw: Sequence[int]) -> jax.Array:
@@ -77,7 +55,7 @@ def downsample_mask(mask: jax.Array, out_hw: Sequence[int]) -> jax.Array:
 
 
 def _axis_taps(out_size: int, pred_size: int, image_size: int, start: jax.Array, resized: jax.Array,
-               original: jax.Array, target_sampling: str) -> Tuple[jax.Array, jax.Array, jax.Array]:
+               original: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Bilinear taps along one axis: original pixel k → prediction indices (i0, i1) and the weight of i1.
 
   Scalars `start` (top or left), `resized` (nh or nw) and `original` (h or w) are traced per example.
@@ -92,12 +70,8 @@ def _axis_taps(out_size: int, pred_size: int, image_size: int, start: jax.Array,
   scale = jnp.maximum(resized, 1).astype(jnp.float32) / jnp.maximum(original, 1).astype(jnp.float32)
   canvas = start + centres * scale  # Continuous canvas coordinate.
   end = start + resized.astype(jnp.float32)  # The resized image covers canvas [start, end).
-  if target_sampling == "nearest":
-    index = (canvas - 0.5) / ratio  # Prediction pixel i shows canvas pixel r·i (centre r·i + 0.5).
-    first, last = jnp.ceil(start / ratio), jnp.floor((end - 1.0) / ratio)  # r·i ∈ [start, end − 1].
-  else:
-    index = canvas / ratio - 0.5  # Prediction pixel i shows the centre of canvas block [r·i, r·i + r).
-    first, last = jnp.ceil(start / ratio - 0.5), jnp.floor(end / ratio - 0.5)  # r·i + r/2 ∈ [start, end].
+  index = (canvas - 0.5) / ratio  # Prediction pixel i shows canvas pixel r·i (centre r·i + 0.5).
+  first, last = jnp.ceil(start / ratio), jnp.floor((end - 1.0) / ratio)  # r·i ∈ [start, end − 1].
   first = jnp.clip(first, 0.0, pred_size - 1.0)
   last = jnp.clip(jnp.maximum(last, first), 0.0, pred_size - 1.0)
   index = jnp.clip(index, first, last)
@@ -109,13 +83,13 @@ def _axis_taps(out_size: int, pred_size: int, image_size: int, start: jax.Array,
 
 
 def inverse_letterbox(prob: jax.Array, resized_hw: jax.Array, offset: jax.Array, orig_hw: jax.Array,
-                      canvas: int, image_size: int, target_sampling: str = "nearest") -> jax.Array:
+                      canvas: int, image_size: int) -> jax.Array:
   """Maps B×P×P predictions back to the original image frame: B×K×K, the image at the top-left.
 
   Bilinear interpolation (no antialiasing) of the inverse letterbox map, per example with traced sizes, so it
   works under jit and vmap. Output pixel (i, j) with i < h, j < w is the prediction at the original pixel
-  centre; the rest of the K×K canvas is meaningless — AND with `valid_region(orig_hw, canvas)`.
-  See the module docstring for `target_sampling`.
+  centre; the rest of the K×K canvas is meaningless — AND with `valid_region(orig_hw, canvas)`. Prediction
+  pixel i is taken to show canvas pixel r·i, as in targets made by `downsample_mask` (see the module docstring).
 
   Args:
     prob: B×P×P float predictions (probabilities; interpolating logits is possible but not CRIS).
@@ -124,23 +98,20 @@ def inverse_letterbox(prob: jax.Array, resized_hw: jax.Array, offset: jax.Array,
     orig_hw: B×2 int (h, w) original image size, h, w ≤ canvas.
     canvas: K, the side of the original-frame canvas (config.data.eval_canvas).
     image_size: S, the side of the letterbox canvas (config.model.image_size).
-    target_sampling: "nearest" (targets from `downsample_mask`) or "area" (block-centre targets).
 
   Returns:
     B×K×K float32.
   """
   if prob.ndim != 3 or prob.shape[1] != prob.shape[2]:
     raise ValueError(f"inverse_letterbox expects B×P×P predictions, got shape {prob.shape}")
-  if target_sampling not in TARGET_SAMPLINGS:
-    raise ValueError(f"target_sampling must be one of {TARGET_SAMPLINGS}, got {target_sampling!r}")
   pred_size = prob.shape[1]
   if image_size % pred_size:
     raise ValueError(f"image_size={image_size} (config.model.image_size) is not a multiple of the prediction "
                      f"size {pred_size}")
 
   def one_example(prob_e, resized_e, offset_e, orig_e):
-    r0, r1, rw = _axis_taps(canvas, pred_size, image_size, offset_e[0], resized_e[0], orig_e[0], target_sampling)
-    c0, c1, cw = _axis_taps(canvas, pred_size, image_size, offset_e[1], resized_e[1], orig_e[1], target_sampling)
+    r0, r1, rw = _axis_taps(canvas, pred_size, image_size, offset_e[0], resized_e[0], orig_e[0])
+    c0, c1, cw = _axis_taps(canvas, pred_size, image_size, offset_e[1], resized_e[1], orig_e[1])
     rows = prob_e[r0] * (1.0 - rw)[:, None] + prob_e[r1] * rw[:, None]  # K×P
     return rows[:, c0] * (1.0 - cw)[None, :] + rows[:, c1] * cw[None, :]  # K×K
 

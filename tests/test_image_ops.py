@@ -54,7 +54,9 @@ def inverse_letterbox_np(prob, nh, nw, top, left, h, w, sampling):
   """Direct 2-D float64 bilinear sampling of the inverse map at every original pixel centre (h×w result).
 
   Derivation: original continuous y → canvas continuous u = top + y·nh/h. A prediction pixel i stands for canvas
-  pixel 4i (nearest targets, continuous u = 4i + 0.5) or for the centre 4i + 2 of its 4×4 block (area targets).
+  pixel 4i (sampling="nearest": targets made by downsample_mask, continuous u = 4i + 0.5), or for the centre
+  4i + 2 of its 4×4 block (sampling="area": the block-centre convention the library does not implement, kept here
+  as the mismatched convention the tests must be able to tell apart).
   """
   ratio = S / prob.shape[0]
   yy, xx = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
@@ -119,10 +121,10 @@ def pad_to_canvas(array, canvas=K):
 
 @pytest.fixture(scope="module")
 def inverse_fn():
-  return jax.jit(image_ops.inverse_letterbox, static_argnames=("canvas", "image_size", "target_sampling"))
+  return jax.jit(image_ops.inverse_letterbox, static_argnames=("canvas", "image_size"))
 
 
-# ---------------------------------------------------------------- normalize_images, letterbox_region.
+# ---------------------------------------------------------------- normalize_images.
 
 
 def test_normalize_images_matches_clip_statistics():
@@ -138,20 +140,6 @@ def test_normalize_images_matches_clip_statistics():
   out_bf16 = image_ops.normalize_images(images, jnp.bfloat16)
   assert out_bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out_bf16, np.float32), expected, atol=2e-2)
-
-
-def test_letterbox_region_zeroes_padding():
-  sizes = [(480, 640), (30, 640), (640, 40)]
-  resized_hw, offset, _ = batch_geometry(sizes)
-  region = np.asarray(image_ops.letterbox_region(jnp.asarray(resized_hw), jnp.asarray(offset), S))
-  for b, (nh, nw) in enumerate(resized_hw):
-    expected = np.zeros((S, S), bool)
-    top, left = offset[b]
-    expected[top:top + nh, left:left + nw] = True
-    np.testing.assert_array_equal(region[b], expected)
-  images = np.full((3, S, S, 3), 200, np.uint8)
-  out = np.asarray(image_ops.normalize_images(images, region=jnp.asarray(region)))
-  assert np.all(out[~region] == 0) and np.all(out[region] > 1)
 
 
 def test_normalize_images_rejects_bad_shape():
@@ -182,50 +170,22 @@ def test_downsample_mask_matches_torch_nearest(in_hw, out_hw):
 # ---------------------------------------------------------------- inverse_letterbox, valid_region.
 
 
-@pytest.mark.parametrize("sampling", ["nearest", "area"])
-def test_inverse_letterbox_matches_numpy_bilinear(inverse_fn, sampling):
+def test_inverse_letterbox_matches_numpy_bilinear(inverse_fn):
   rng = np.random.default_rng(2)
   prob = rng.uniform(size=(len(SIZES), P, P)).astype(np.float32)
   resized_hw, offset, orig_hw = batch_geometry(SIZES)
-  out = np.asarray(inverse_fn(prob, resized_hw, offset, orig_hw, canvas=K, image_size=S,
-                              target_sampling=sampling))
+  out = np.asarray(inverse_fn(prob, resized_hw, offset, orig_hw, canvas=K, image_size=S))
   assert out.shape == (len(SIZES), K, K) and out.dtype == np.float32
   for b, (h, w) in enumerate(SIZES):
     (nh, nw), (top, left) = resized_hw[b], offset[b]
-    expected = inverse_letterbox_np(prob[b].astype(np.float64), nh, nw, top, left, h, w, sampling)
+    expected = inverse_letterbox_np(prob[b].astype(np.float64), nh, nw, top, left, h, w, "nearest")
     np.testing.assert_allclose(out[b, :h, :w], expected, atol=1e-5, err_msg=f"size {(h, w)}")
 
 
-def test_inverse_letterbox_area_matches_protocol_scale_and_translate():
-  """`jax.image.scale_and_translate` with scale = (S/P)·(h/nh), translation = −top·(P/S)·scale, edge-padded."""
-  rng = np.random.default_rng(3)
-  sizes = SIZES[:6]
-  prob = rng.uniform(size=(len(sizes), P, P)).astype(np.float32)
-  resized_hw, offset, orig_hw = batch_geometry(sizes)
-  pad = 2  # Edge padding makes scale_and_translate clamp at the border like inverse_letterbox.
-  padded = np.pad(prob, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
-  scale = (S / P) * orig_hw / resized_hw
-  translation = -offset * (P / S) * scale - pad * scale
-
-  def one(p, s, t):
-    return jax.image.scale_and_translate(p, (K, K), (0, 1), s, t, method="linear", antialias=False)
-
-  expected = np.asarray(jax.jit(jax.vmap(one))(padded, scale.astype(np.float32), translation.astype(np.float32)))
-  out = np.asarray(image_ops.inverse_letterbox(prob, resized_hw, offset, orig_hw, K, S, "area"))
-  for b, (h, w) in enumerate(sizes):
-    # inverse_letterbox holds the edge of the image's own prediction pixels instead of blending in the padding:
-    # compare one prediction pixel (plus slack) away from the image border.
-    nh, nw = resized_hw[b]
-    margin_y, margin_x = int(np.ceil(4 * h / nh)) + 1, int(np.ceil(4 * w / nw)) + 1
-    inner = (b, slice(margin_y, h - margin_y), slice(margin_x, w - margin_x))
-    np.testing.assert_allclose(out[inner], expected[inner], atol=2e-5, err_msg=f"size {(h, w)}")
-
-
-@pytest.mark.parametrize("sampling", ["nearest", "area"])
-def test_inverse_letterbox_reproduces_linear_fields(inverse_fn, sampling):
-  """The pixel-centre convention: a linear field in the original frame survives letterbox → targets at P →
-  inverse map exactly (away from the border clamps) when the inverse matches how targets were sampled, and is
-  shifted by ~1.5 canvas pixels when it does not."""
+def test_inverse_letterbox_reproduces_linear_fields(inverse_fn):
+  """The pixel-centre convention: a linear field in the original frame survives letterbox → targets at P (canvas
+  pixels 4i, as downsample_mask) → inverse map exactly (away from the border clamps); the block-centre convention
+  ("area", from the NumPy reference) on the same targets is shifted by 1.5 canvas pixels per axis."""
   rng = np.random.default_rng(4)
   resized_hw, offset, orig_hw = batch_geometry(SIZES)
   targets, fields = [], []
@@ -234,28 +194,21 @@ def test_inverse_letterbox_reproduces_linear_fields(inverse_fn, sampling):
     yy, xx = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
     field = slope_y * yy + slope_x * xx
     canvas, *_ = letterbox_np(field)
-    if sampling == "nearest":
-      target = canvas[::4, ::4]  # downsample_mask's canvas pixels 4i (checked against torch above).
-    else:
-      target = canvas.reshape(P, 4, P, 4).mean(axis=(1, 3))  # Block means: the value at block centres.
-    targets.append(target.astype(np.float32))
+    targets.append(canvas[::4, ::4].astype(np.float32))  # downsample_mask's canvas pixels 4i (checked above).
     fields.append((field, slope_y, slope_x))
-  out = np.asarray(inverse_fn(np.stack(targets), resized_hw, offset, orig_hw, canvas=K, image_size=S,
-                              target_sampling=sampling))
-  other = "area" if sampling == "nearest" else "nearest"
-  mismatched = np.asarray(inverse_fn(np.stack(targets), resized_hw, offset, orig_hw, canvas=K, image_size=S,
-                                     target_sampling=other))
+  out = np.asarray(inverse_fn(np.stack(targets), resized_hw, offset, orig_hw, canvas=K, image_size=S))
   for b, (h, w) in enumerate(SIZES):
     field, slope_y, slope_x = fields[b]
-    nh, nw = resized_hw[b]
+    (nh, nw), (top, left) = resized_hw[b], offset[b]
     # Interior: two prediction pixels (in original pixels) plus slack from every border.
     margin_y, margin_x = int(np.ceil(8 * h / nh)) + 2, int(np.ceil(8 * w / nw)) + 2
     inner = (slice(margin_y, h - margin_y), slice(margin_x, w - margin_x))
     assert field[inner].size > 0
     np.testing.assert_allclose(out[b, :h, :w][inner], field[inner], atol=2e-4, err_msg=f"size {(h, w)}")
-    # The other convention is off by 1.5 canvas pixels along each axis.
-    shift = 1.5 * (slope_y * h / nh + slope_x * w / nw) * (-1 if sampling == "nearest" else 1)
-    np.testing.assert_allclose(mismatched[b, :h, :w][inner] - field[inner], shift, atol=2e-4)
+    # Negative control: the mismatched convention is off by −1.5 canvas pixels along each axis.
+    mismatched = inverse_letterbox_np(targets[b].astype(np.float64), nh, nw, top, left, h, w, "area")
+    shift = -1.5 * (slope_y * h / nh + slope_x * w / nw)
+    np.testing.assert_allclose(mismatched[inner] - field[inner], shift, atol=2e-4, err_msg=f"size {(h, w)}")
 
 
 def test_inverse_letterbox_round_trip_iou(inverse_fn):
@@ -275,24 +228,25 @@ def test_inverse_letterbox_round_trip_iou(inverse_fn):
     truths.append(truth)
   soft_p = np.asarray(image_ops.downsample_mask(np.stack(soft_targets).astype(np.float32), (P, P)))
   hard_p = np.asarray(image_ops.downsample_mask(np.stack(hard_targets), (P, P))).astype(np.float32)
-  for sampling in ("nearest", "area"):
-    soft_out = np.asarray(inverse_fn(soft_p, resized_hw, offset, orig_hw, canvas=K, image_size=S,
-                                     target_sampling=sampling))
-    hard_out = np.asarray(inverse_fn(hard_p, resized_hw, offset, orig_hw, canvas=K, image_size=S,
-                                     target_sampling=sampling))
-    soft_iou = np.array([iou_np(soft_out[b, :h, :w] > 0.5, truths[b]) for b, (h, w) in enumerate(SIZES)])
-    hard_iou = np.array([iou_np(hard_out[b, :h, :w] > 0.5, truths[b]) for b, (h, w) in enumerate(SIZES)])
-    if sampling == "nearest":
-      # "Large": at least 8 prediction pixels across in both directions (the thin images' shapes are 4-5).
-      large = np.array([t.any(1).sum() * nh / h >= 32 and t.any(0).sum() * nw / w >= 32
-                        for t, (h, w), (nh, nw) in zip(truths, SIZES, resized_hw)])
-      assert large.sum() >= 6
-      assert soft_iou[large].min() >= 0.99 and soft_iou.min() >= 0.9, soft_iou
-      # Binary targets quantize the boundary to the stride-4 grid (±2 canvas pixels).
-      assert hard_iou[large].min() >= 0.975 and hard_iou.min() >= 0.85, hard_iou
-      matched = soft_iou.mean(), hard_iou.mean()
-    else:  # The mismatched convention is measurably worse on the same targets.
-      assert soft_iou.mean() < matched[0] - 0.02 and hard_iou.mean() < matched[1] - 0.005, (soft_iou, hard_iou)
+  soft_out = np.asarray(inverse_fn(soft_p, resized_hw, offset, orig_hw, canvas=K, image_size=S))
+  hard_out = np.asarray(inverse_fn(hard_p, resized_hw, offset, orig_hw, canvas=K, image_size=S))
+  soft_iou = np.array([iou_np(soft_out[b, :h, :w] > 0.5, truths[b]) for b, (h, w) in enumerate(SIZES)])
+  hard_iou = np.array([iou_np(hard_out[b, :h, :w] > 0.5, truths[b]) for b, (h, w) in enumerate(SIZES)])
+  # "Large": at least 8 prediction pixels across in both directions (the thin images' shapes are 4-5).
+  large = np.array([t.any(1).sum() * nh / h >= 32 and t.any(0).sum() * nw / w >= 32
+                    for t, (h, w), (nh, nw) in zip(truths, SIZES, resized_hw)])
+  assert large.sum() >= 6
+  assert soft_iou[large].min() >= 0.99 and soft_iou.min() >= 0.9, soft_iou
+  # Binary targets quantize the boundary to the stride-4 grid (±2 canvas pixels).
+  assert hard_iou[large].min() >= 0.975 and hard_iou.min() >= 0.85, hard_iou
+  # Negative control: the mismatched (block-centre) convention is measurably worse on the same targets.
+  mismatched_soft, mismatched_hard = [], []
+  for b, (h, w) in enumerate(SIZES):
+    geometry = (*resized_hw[b], *offset[b], h, w, "area")
+    mismatched_soft.append(iou_np(inverse_letterbox_np(soft_p[b].astype(np.float64), *geometry) > 0.5, truths[b]))
+    mismatched_hard.append(iou_np(inverse_letterbox_np(hard_p[b].astype(np.float64), *geometry) > 0.5, truths[b]))
+  assert np.mean(mismatched_soft) < soft_iou.mean() - 0.02, (mismatched_soft, soft_iou)
+  assert np.mean(mismatched_hard) < hard_iou.mean() - 0.005, (mismatched_hard, hard_iou)
 
 
 def test_inverse_letterbox_keeps_objects_touching_the_border(inverse_fn):
@@ -303,8 +257,7 @@ def test_inverse_letterbox_keeps_objects_touching_the_border(inverse_fn):
     (nh, nw), (top, left) = resized_hw[b], offset[b]
     canvas[b, top:top + nh, left:left + nw] = 1
   target = np.asarray(image_ops.downsample_mask(canvas, (P, P))).astype(np.float32)
-  out = np.asarray(inverse_fn(target, resized_hw, offset, orig_hw, canvas=K, image_size=S,
-                              target_sampling="nearest"))
+  out = np.asarray(inverse_fn(target, resized_hw, offset, orig_hw, canvas=K, image_size=S))
   for b, (h, w) in enumerate(SIZES):
     assert iou_np(out[b, :h, :w] > 0.35, np.ones((h, w), bool)) >= 0.97, (h, w)
     assert np.all(out[b, h // 2, :w][-2:] > 0.35) and np.all(out[b, :h, w // 2][-2:] > 0.35), (h, w)
@@ -335,8 +288,6 @@ def test_inverse_letterbox_rejects_bad_arguments():
   args = (np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), np.ones((2, 2), np.int32))
   with pytest.raises(ValueError, match="B×P×P"):
     image_ops.inverse_letterbox(np.zeros((2, 4, 5)), *args, K, S)
-  with pytest.raises(ValueError, match="target_sampling"):
-    image_ops.inverse_letterbox(np.zeros((2, P, P)), *args, K, S, target_sampling="bicubic")
   with pytest.raises(ValueError, match="image_size"):
     image_ops.inverse_letterbox(np.zeros((2, 7, 7)), *args, K, 50)
 

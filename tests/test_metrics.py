@@ -185,7 +185,8 @@ def test_eval_metrics_match_numpy_protocol(eval_case, eval_update):
   logits, batch, expected_terms = eval_case
   _, collection = eval_update(logits, batch)
   result = collection.compute()
-  assert set(result) == {"mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9", "count"}
+  ours = {"mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9"}
+  assert set(result) == ours | {f"cris/{name}" for name in ours} | {"count"}
   assert all(isinstance(v, float) for v in result.values())
   # The per-sample counts are checked against the NumPy protocol above; here, the aggregation of exact counts.
   outputs, _ = eval_update(logits, batch)
@@ -263,7 +264,7 @@ def test_overall_iou_sums_are_exact_beyond_int32_and_float32():
   per_sample = K * K  # 409600 = the largest possible count.
   inter = jnp.full((64,), per_sample - 7, jnp.int32)
   union = jnp.full((64,), per_sample, jnp.int32)
-  update = jax.jit(lambda i, u: metrics.OverallIoU.from_model_output(i, u))(inter, union)
+  update = jax.jit(lambda i, u: metrics.OverallIoU.from_model_output(intersection=i, union=u))(inter, union)
   merge = jax.jit(lambda a, b: a.merge(b))
   total = metrics.OverallIoU.empty()
   for _ in range(100):
