@@ -22,14 +22,16 @@ def as_path(path: PathLike) -> epath.Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: PathLike, *, directory: bool = False) -> Iterator[epath.Path]:
+def atomic_output(path: PathLike, *, directory: bool = False, replace: bool = False) -> Iterator[epath.Path]:
   """Yields a temporary path beside `path`; when the block succeeds, it is renamed to `path`.
 
-  A file replaces an existing `path`; a directory (`directory=True`: created empty for the block to fill) must
-  not exist yet. On an exception the temporary file or directory is removed and `path` is left as it was.
+  A file replaces an existing `path`. A directory (`directory=True`: created empty for the block to fill) must
+  not exist yet unless `replace`: then the old one is moved aside only once the new one is complete, and deleted
+  after the new one is in place. On an exception the temporary file or directory is removed and `path` is left
+  as it was.
   """
   path = as_path(path)
-  if directory and path.exists():
+  if directory and path.exists() and not replace:
     raise FileExistsError(f"{path} already exists; remove it or choose another output directory")
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -38,7 +40,12 @@ def atomic_output(path: PathLike, *, directory: bool = False) -> Iterator[epath.
   try:
     yield tmp
     if directory:
+      old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+      if path.exists():
+        path.rename(old)
       tmp.rename(path)
+      if old.exists():
+        old.rmtree()
     else:
       tmp.replace(path)
   finally:

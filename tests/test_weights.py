@@ -4,12 +4,13 @@ The proof is numerical parity in float32 with independent PyTorch models holding
 eval mode with random running statistics and affine parameters, random LayerNorm/bias values):
 - open_clip's ModifiedResNet, the real RN50 (3, 4, 6, 3) and RN101 (3, 4, 23, 3) block layouts at stem width 8
   on 96×96 images: stage-2 (F_v2), stage-3 (F_v3) and stage-4 maps; F_v4 (CRIS's spatial attention pool, which
-  open_clip's pool does not compute) against a float64 NumPy implementation of model.md §2 fed with the
-  reference stage-4 map, open_clip's pool weights and a torch-bicubic positional grid;
+  open_clip's pool does not compute) against a float64 NumPy implementation of the attention pool of
+  docs/model.md fed with the reference stage-4 map, open_clip's pool weights and a torch-bicubic positional grid;
 - open_clip's TextTransformer and transformers' CLIPTextModelWithProjection (quick_gelu): per-token features
   F_t and the projected [EOS] feature, with padding.
 Tolerance: max |ours − ref| / max |ref| ≤ 1e-5 per tensor.
 """
+
 import contextlib
 import copy
 import functools
@@ -26,22 +27,22 @@ import safetensors.numpy
 import torch
 import torch.nn.functional as F
 
-import reference_impls
 from configs import tiny
 from fcnet_jax.models import fcnet
 from fcnet_jax.tools import convert_clip
 from fcnet_jax.weights import clip
+import reference_impls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
 RN50, RN101 = (3, 4, 6, 3), (3, 4, 23, 3)
-WIDTH = 8            # Stem width: attention-pool width 8·32 = 256 → 4 of CLIP's 64-wide heads.
+WIDTH = 8  # Stem width: attention-pool width 8·32 = 256 → 4 of CLIP's 64-wide heads.
 EMBED_DIM = 48
-IMAGE_SIZE = 96      # → 3×3 attention-pool grid, resized from the 7×7 grid of a 224 CLIP.
-TEXT_WIDTH = 128     # 2 heads of 64.
+IMAGE_SIZE = 96  # → 3×3 attention-pool grid, resized from the 7×7 grid of a 224 CLIP.
+TEXT_WIDTH = 128  # 2 heads of 64.
 TEXT_LAYERS = 3
-VOCAB = 1000         # EOS = VOCAB − 1 is the largest id, as in CLIP's vocabulary.
-CONTEXT = 10         # L; the reference keeps CLIP's 77 positions.
+VOCAB = 1000  # EOS = VOCAB − 1 is the largest id, as in CLIP's vocabulary.
+CONTEXT = 10  # L; the reference keeps CLIP's 77 positions.
 SOS, EOS = VOCAB - 2, VOCAB - 1
 
 
@@ -53,49 +54,37 @@ def relative_error(ours, ref) -> float:
 
 def model_config(vision_layers=RN50, **overrides):
   cfg = tiny.get_config().model
-  cfg.update(dict(image_size=IMAGE_SIZE, context_length=CONTEXT, vision_layers=vision_layers, vision_width=WIDTH,
-                  vision_heads=WIDTH * 32 // 64, embed_dim=EMBED_DIM, vocab_size=VOCAB, text_width=TEXT_WIDTH,
-                  text_layers=TEXT_LAYERS, text_heads=TEXT_WIDTH // 64, dtype="float32"))
+  cfg.update(
+    dict(
+      image_size=IMAGE_SIZE,
+      context_length=CONTEXT,
+      vision_layers=vision_layers,
+      vision_width=WIDTH,
+      vision_heads=WIDTH * 32 // 64,
+      embed_dim=EMBED_DIM,
+      vocab_size=VOCAB,
+      text_width=TEXT_WIDTH,
+      text_layers=TEXT_LAYERS,
+      text_heads=TEXT_WIDTH // 64,
+      dtype="float32",
+    )
+  )
   cfg.update(overrides)
   return cfg
-
-
-def randomize_(module: torch.nn.Module, seed: int):
-  """Non-trivial BatchNorm running statistics and affine parameters, LayerNorm and bias values (zeros and ones
-  by default, which would hide a mix-up of scale/bias/mean/var or q/k/v biases)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-      if not tensor.is_floating_point():
-        continue
-      noise = torch.randn(tensor.shape, generator=g)
-      if name.endswith("running_var"):
-        tensor.copy_(0.5 + torch.rand(tensor.shape, generator=g))
-      elif name.endswith("running_mean") or name.endswith("bias"):
-        tensor.copy_(0.2 * noise)
-      elif tensor.ndim == 1:  # BatchNorm / LayerNorm weights.
-        tensor.copy_(1 + 0.2 * noise)
 
 
 @functools.lru_cache(maxsize=None)
 def reference_clip(vision_layers):
   """(visual, text) open_clip modules in eval mode and their OpenAI-named state dict (NumPy)."""
-  torch.manual_seed(sum(vision_layers))
-  modified_resnet = reference_impls.open_clip_module("modified_resnet")
-  transformer = reference_impls.open_clip_module("transformer")
-  visual = modified_resnet.ModifiedResNet(list(vision_layers), output_dim=EMBED_DIM, heads=WIDTH * 32 // 64,
-                                          image_size=224, width=WIDTH)
-  text = transformer.TextTransformer(context_length=77, vocab_size=VOCAB, width=TEXT_WIDTH, heads=TEXT_WIDTH // 64,
-                                     layers=TEXT_LAYERS, output_dim=EMBED_DIM, act_layer=transformer.QuickGELU,
-                                     output_tokens=True)
-  randomize_(visual, 1)
-  randomize_(text, 2)
-  visual.eval()
-  text.eval()
-  state_dict = {f"visual.{k}": v.numpy().copy() for k, v in visual.state_dict().items()}
-  state_dict.update({k: v.numpy().copy() for k, v in text.state_dict().items()})
-  state_dict["logit_scale"] = np.float32(4.6)
-  return visual, text, state_dict
+  return reference_impls.random_clip(
+    vision_layers,
+    vision_width=WIDTH,
+    embed_dim=EMBED_DIM,
+    text_width=TEXT_WIDTH,
+    text_layers=TEXT_LAYERS,
+    vocab_size=VOCAB,
+    seed=sum(vision_layers),
+  )
 
 
 def make_tokens(rng: np.random.Generator, lengths, length: int = CONTEXT) -> np.ndarray:
@@ -103,7 +92,7 @@ def make_tokens(rng: np.random.Generator, lengths, length: int = CONTEXT) -> np.
   tokens = np.zeros((len(lengths), length), np.int32)
   for row, n in enumerate(lengths):
     tokens[row, 0] = SOS
-    tokens[row, 1:n + 1] = rng.integers(1, SOS, n)
+    tokens[row, 1 : n + 1] = rng.integers(1, SOS, n)
     tokens[row, n + 1] = EOS
   return tokens
 
@@ -124,14 +113,16 @@ def fill_new_(variables, seed: int):
 
 
 def numpy_attention_pool(stage4, visual, connect_params, connect_stats, grid):
-  """model.md §2 in float64 NumPy: CLIP grid positions (class position dropped, torch-bicubic to `grid`),
-  multi-head self-attention with open_clip's q/k/v/c projections, a 1×1 conv + BN residual, ReLU.
+  """The attention pool of docs/model.md in float64 NumPy: CLIP grid positions (class position dropped,
+  torch-bicubic to `grid`), multi-head self-attention with open_clip's q/k/v/c projections, a 1×1 conv + BN
+  residual, ReLU.
 
   stage4: B×h×w×C. Returns B×h×w×embed_dim.
   """
   pool = visual.attnpool
-  weights = {name: getattr(pool, name).weight.detach().double().numpy() for name in ("q_proj", "k_proj", "v_proj",
-                                                                                      "c_proj")}
+  weights = {
+    name: getattr(pool, name).weight.detach().double().numpy() for name in ("q_proj", "k_proj", "v_proj", "c_proj")
+  }
   biases = {name: getattr(pool, name).bias.detach().double().numpy() for name in weights}
   pos = pool.positional_embedding.detach().double()[1:]
   g = int(round(pos.shape[0] ** 0.5))
@@ -148,8 +139,9 @@ def numpy_attention_pool(stage4, visual, connect_params, connect_stats, grid):
   mixed = np.einsum("bnqk,bknd->bqnd", attention, v).reshape(b, h * w, c)
   pooled = (mixed @ weights["c_proj"].T + biases["c_proj"]).reshape(b, h, w, -1)
   residual = stage4.astype(np.float64) @ connect_params["conv"]["kernel"][0, 0].astype(np.float64)
-  residual = ((residual - connect_stats["bn"]["mean"]) / np.sqrt(connect_stats["bn"]["var"] + 1e-5)
-              * connect_params["bn"]["scale"] + connect_params["bn"]["bias"])
+  residual = (residual - connect_stats["bn"]["mean"]) / np.sqrt(connect_stats["bn"]["var"] + 1e-5) * connect_params[
+    "bn"
+  ]["scale"] + connect_params["bn"]["bias"]
   return np.maximum(pooled + residual, 0)
 
 
@@ -158,8 +150,12 @@ def with_random_connect(variables):
   (`convert_openai_state_dict` itself fails if its tables miss any other variable of the encoders)."""
   pool = ("image_encoder", "attnpool", "connect")
   shapes = {("params",) + pool + ("conv", "kernel"): (1, 1, WIDTH * 32, EMBED_DIM)}
-  shapes.update({(c,) + pool + ("bn", n): (EMBED_DIM,) for c, n in (("params", "scale"), ("params", "bias"),
-                                                                    ("batch_stats", "mean"), ("batch_stats", "var"))})
+  shapes.update(
+    {
+      (c,) + pool + ("bn", n): (EMBED_DIM,)
+      for c, n in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var"))
+    }
+  )
   flat = flax.traverse_util.flatten_dict(variables)
   flat.update({path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape in shapes.items()})
   return fill_new_(flax.traverse_util.unflatten_dict(flat), seed=3)
@@ -174,8 +170,12 @@ def test_image_encoder_parity(vision_layers):
 
   @jax.jit
   def encode(variables, images):
-    return model.apply(variables, images, method=fcnet.FCNet.encode_image,
-                       capture_intermediates=lambda module, _: module.name == last_block)
+    return model.apply(
+      variables,
+      images,
+      method=fcnet.FCNet.encode_image,
+      capture_intermediates=lambda module, _: module.name == last_block,
+    )
 
   images = np.random.default_rng(0).normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
   (f_v2, f_v3, f_v4), state = encode(variables, images)
@@ -189,10 +189,19 @@ def test_image_encoder_parity(vision_layers):
     ref_v4_trunk = visual.layer4(ref_v3)
   nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
   grid = (IMAGE_SIZE // 32,) * 2
-  ref_v4 = numpy_attention_pool(nhwc(ref_v4_trunk), visual, variables["params"]["image_encoder"]["attnpool"]["connect"],
-                                variables["batch_stats"]["image_encoder"]["attnpool"]["connect"], grid)
-  errors = {"F_v2": relative_error(f_v2, nhwc(ref_v2)), "F_v3": relative_error(f_v3, nhwc(ref_v3)),
-            "stage 4": relative_error(stage4, nhwc(ref_v4_trunk)), "F_v4": relative_error(f_v4, ref_v4)}
+  ref_v4 = numpy_attention_pool(
+    nhwc(ref_v4_trunk),
+    visual,
+    variables["params"]["image_encoder"]["attnpool"]["connect"],
+    variables["batch_stats"]["image_encoder"]["attnpool"]["connect"],
+    grid,
+  )
+  errors = {
+    "F_v2": relative_error(f_v2, nhwc(ref_v2)),
+    "F_v3": relative_error(f_v3, nhwc(ref_v3)),
+    "stage 4": relative_error(stage4, nhwc(ref_v4_trunk)),
+    "F_v4": relative_error(f_v4, ref_v4),
+  }
   print(vision_layers, errors)
   assert max(errors.values()) <= TOLERANCE, errors
   # The check can fail: F_v4 without the pool's residual branch is far off.
@@ -205,11 +214,13 @@ def test_image_encoder_parity(vision_layers):
 def hf_to_openai(hf_state: dict) -> dict:
   """transformers' CLIPTextModelWithProjection state dict → OpenAI CLIP names (NumPy)."""
   sd = {k: v.numpy() for k, v in hf_state.items()}
-  out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
-         "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
-         "ln_final.weight": sd["text_model.final_layer_norm.weight"],
-         "ln_final.bias": sd["text_model.final_layer_norm.bias"],
-         "text_projection": sd["text_projection.weight"].T}  # nn.Linear (E, W) → CLIP's W×E matrix.
+  out = {
+    "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+    "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+    "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+    "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+    "text_projection": sd["text_projection.weight"].T,
+  }  # nn.Linear (E, W) → CLIP's W×E matrix.
   for i in range(TEXT_LAYERS):
     hf, ours = f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
     for part in ("weight", "bias"):
@@ -255,8 +266,11 @@ def test_text_encoder_parity_open_clip(text_model):
 def without_torchvision_stub():
   """Hides reference_impls' torchvision stand-in: transformers probes `find_spec("torchvision")`, which fails
   on a module without __spec__ (the real, broken wheel is never imported by the text model)."""
-  stub = {name: sys.modules.pop(name) for name in list(sys.modules)
-          if name == "torchvision" or name.startswith("torchvision.")}
+  stub = {
+    name: sys.modules.pop(name)
+    for name in list(sys.modules)
+    if name == "torchvision" or name.startswith("torchvision.")
+  }
   try:
     yield
   finally:
@@ -279,13 +293,24 @@ def _transformers_reference():
   """CLIPTextModelWithProjection with random weights: (last_hidden_state, text_embeds, tokens, OpenAI-named
   state dict)."""
   import transformers  # pylint: disable=g-import-not-at-top
+
   hf_config = transformers.CLIPTextConfig(
-      vocab_size=VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=TEXT_LAYERS,
-      num_attention_heads=TEXT_WIDTH // 64, max_position_embeddings=77, hidden_act="quick_gelu",
-      projection_dim=EMBED_DIM, layer_norm_eps=1e-5, bos_token_id=SOS, eos_token_id=EOS, pad_token_id=0)
+    vocab_size=VOCAB,
+    hidden_size=TEXT_WIDTH,
+    intermediate_size=4 * TEXT_WIDTH,
+    num_hidden_layers=TEXT_LAYERS,
+    num_attention_heads=TEXT_WIDTH // 64,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=EMBED_DIM,
+    layer_norm_eps=1e-5,
+    bos_token_id=SOS,
+    eos_token_id=EOS,
+    pad_token_id=0,
+  )
   torch.manual_seed(4)
   hf_model = transformers.CLIPTextModelWithProjection(hf_config)
-  randomize_(hf_model, 5)
+  reference_impls.randomize_(hf_model, 5)
   hf_model.eval()
   tokens = make_tokens(np.random.default_rng(2), TOKEN_LENGTHS)
   with torch.no_grad():
@@ -299,8 +324,13 @@ def test_positional_grid_resize_matches_torch_bicubic(side):
   state_dict = dict(reference_clip(SMALL)[2])
   cfg = model_config(SMALL, image_size=32 * side)
   fitted, how = clip.fit_positional_embedding(clip.GRID_POSITIONS, pos[1:], (side * side, 16))
-  ref = F.interpolate(torch.from_numpy(pos[1:]).double().T.reshape(1, 16, 7, 7), size=(side, side),
-                      mode="bicubic", align_corners=False).reshape(16, -1).T.numpy()
+  ref = (
+    F.interpolate(
+      torch.from_numpy(pos[1:]).double().T.reshape(1, 16, 7, 7), size=(side, side), mode="bicubic", align_corners=False
+    )
+    .reshape(16, -1)
+    .T.numpy()
+  )
   assert "7×7" in how and relative_error(fitted, ref) <= 1e-6
   # Through the converter, with the class position dropped.
   converted = clip.from_openai_state_dict(state_dict, cfg)
@@ -343,11 +373,13 @@ def test_shape_mismatch_errors_name_the_key_and_shapes():
   with pytest.raises(ValueError, match=r"transformer.resblocks.N\) but config.model.text_layers=2"):
     clip.convert_openai_state_dict(small, model_config(SMALL, text_layers=2))
   with pytest.raises(KeyError, match="transformer.resblocks.1.mlp.c_fc.bias"):
-    clip.convert_openai_state_dict({k: v for k, v in small.items() if k != "transformer.resblocks.1.mlp.c_fc.bias"},
-                                   model_config(SMALL))
+    clip.convert_openai_state_dict(
+      {k: v for k, v in small.items() if k != "transformer.resblocks.1.mlp.c_fc.bias"}, model_config(SMALL)
+    )
   with pytest.raises(ValueError, match="ViT"):
-    clip.convert_openai_state_dict({"visual.proj": np.zeros((4, 4)), "visual.conv1.weight": np.zeros((4, 3, 8, 8))},
-                                   model_config(SMALL))
+    clip.convert_openai_state_dict(
+      {"visual.proj": np.zeros((4, 4)), "visual.conv1.weight": np.zeros((4, 3, 8, 8))}, model_config(SMALL)
+    )
 
 
 def test_load_pretrained_checks_shapes_and_reports():
@@ -357,11 +389,20 @@ def test_load_pretrained_checks_shapes_and_reports():
   merged, report = clip.load_pretrained(fresh, pretrained)
   assert merged["params"]["text_encoder"]["ln_final"]["scale"].dtype == np.float32
   resized = {path: (source, target) for path, source, target, _ in report.resized}
-  assert resized == {"params/image_encoder/attnpool/positional_embedding": ((49, 256), (9, 256)),
-                     "params/text_encoder/positional_embedding": ((77, TEXT_WIDTH), (CONTEXT, TEXT_WIDTH))}
+  assert resized == {
+    "params/image_encoder/attnpool/positional_embedding": ((49, 256), (9, 256)),
+    "params/text_encoder/positional_embedding": ((77, TEXT_WIDTH), (CONTEXT, TEXT_WIDTH)),
+  }
   text = str(report)
-  for module in ("image_encoder/attnpool/connect", "neck", "emphasis_generation", "emphasis_calibration",
-                 "decoder", "mask_head", "text_global_proj"):
+  for module in (
+    "image_encoder/attnpool/connect",
+    "neck",
+    "emphasis_generation",
+    "emphasis_calibration",
+    "decoder",
+    "mask_head",
+    "text_global_proj",
+  ):
     assert f"    {module} " in text, text
   total = sum(np.prod(x.shape) for x in jax.tree.leaves(fresh["params"]))
   assert report.loaded_parameters + report.new_parameters == total
@@ -387,7 +428,6 @@ def test_readers_torch_formats_and_errors(tmp_path):
   torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
 
   class Container(torch.nn.Module):  # A TorchScript archive holding the state dict, like RN50.pt.
-
     def __init__(self):
       super().__init__()
       self.transformer = copy.deepcopy(text.transformer).half()
@@ -397,8 +437,12 @@ def test_readers_torch_formats_and_errors(tmp_path):
       return self.ln_final(x)
 
   torch.jit.save(torch.jit.script(Container()), str(tmp_path / "script.pt"))
-  for name, expected_format in (("plain.bin", "torch.save zip"), ("wrapped.pt", "torch.save zip"),
-                                ("legacy.pth", "torch.save pickle"), ("script.pt", "TorchScript archive")):
+  for name, expected_format in (
+    ("plain.bin", "torch.save zip"),
+    ("wrapped.pt", "torch.save zip"),
+    ("legacy.pth", "torch.save pickle"),
+    ("script.pt", "TorchScript archive"),
+  ):
     loaded, fmt = clip.read_state_dict(str(tmp_path / name))
     assert fmt == expected_format
     key = "transformer.resblocks.0.attn.in_proj_weight"
@@ -442,15 +486,20 @@ def test_cli_end_to_end(tmp_path):
   assert report.loaded_parameters == preview.loaded_parameters and report.resized == preview.resized
 
   encode_both = lambda module, images, tokens: (module.encode_image(images), module.encode_text(tokens))
-  (f_v2, f_v3, _), (f_t, eos, _) = jax.jit(
-      lambda v, x, t: model.apply(v, x, t, method=encode_both))(variables, images, tokens)
+  (f_v2, f_v3, _), (f_t, eos, _) = jax.jit(lambda v, x, t: model.apply(v, x, t, method=encode_both))(
+    variables, images, tokens
+  )
   with torch.no_grad():
     ref_v2 = visual.layer2(visual.layer1(visual.stem(torch.from_numpy(images).permute(0, 3, 1, 2))))
     ref_v3 = visual.layer3(ref_v2)
     ref_eos, ref_tokens = text(torch.from_numpy(np.pad(tokens, ((0, 0), (0, 77 - CONTEXT)))).long())
   nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
-  errors = {"F_v2": relative_error(f_v2, nhwc(ref_v2)), "F_v3": relative_error(f_v3, nhwc(ref_v3)),
-            "F_t": relative_error(f_t, ref_tokens[:, :CONTEXT].numpy()), "EOS": relative_error(eos, ref_eos.numpy())}
+  errors = {
+    "F_v2": relative_error(f_v2, nhwc(ref_v2)),
+    "F_v3": relative_error(f_v3, nhwc(ref_v3)),
+    "F_t": relative_error(f_t, ref_tokens[:, :CONTEXT].numpy()),
+    "EOS": relative_error(eos, ref_eos.numpy()),
+  }
   assert max(errors.values()) <= TOLERANCE, errors
   # The parts CLIP does not have keep their fresh initialisation.
   flat_fresh, flat_merged = (flax.traverse_util.flatten_dict(v, sep="/") for v in (fresh, variables))
@@ -463,24 +512,41 @@ def test_cli_command_line(tmp_path):
   """The absl entry point: --src (a Hugging Face snapshot folder), --config file, --out, --overwrite."""
   snapshot = tmp_path / "snapshot"
   snapshot.mkdir()
-  safetensors.numpy.save_file({k: np.asarray(v) for k, v in reference_clip(SMALL)[2].items()},
-                              str(snapshot / "open_clip_model.safetensors"))
+  safetensors.numpy.save_file(
+    {k: np.asarray(v) for k, v in reference_clip(SMALL)[2].items()}, str(snapshot / "open_clip_model.safetensors")
+  )
   config_file = tmp_path / "config.py"
   config_file.write_text(
-      "from configs import default\n\n\ndef get_config():\n  config = default.get_config()\n"
-      f"  config.model.update({model_config(SMALL).to_dict()!r})\n  return config\n")
+    "from configs import default\n\n\ndef get_config():\n  config = default.get_config()\n"
+    f"  config.model.update({model_config(SMALL).to_dict()!r})\n  return config\n"
+  )
   out = tmp_path / "converted"
   (out / "old").mkdir(parents=True)
-  command = [sys.executable, "-X", "importtime", "-m", "fcnet_jax.tools.convert_clip", f"--src={snapshot}",
-             f"--out={out}", f"--config={config_file}"]
+  command = [
+    sys.executable,
+    "-X",
+    "importtime",
+    "-m",
+    "fcnet_jax.tools.convert_clip",
+    f"--src={snapshot}",
+    f"--out={out}",
+    f"--config={config_file}",
+  ]
   # (Refusal without --overwrite is checked in-process in test_cli_end_to_end; one launch costs ~5 s.)
-  done = subprocess.run(command + ["--overwrite"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=120)
+  done = subprocess.run(
+    command + ["--overwrite"],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
   assert "flax" in imported and "torch" not in imported  # safetensors needs no PyTorch.
   assert "Left at fresh initialisation" in done.stdout and "7×7 grid resized to 3×3" in done.stdout, done.stdout
   assert sorted(os.listdir(out)) == ["report.json", "report.txt", "variables"]  # "old" is gone.
   restored = clip.restore_converted(str(out))
-  np.testing.assert_array_equal(restored["params"]["text_encoder"]["ln_final"]["bias"],
-                                reference_clip(SMALL)[2]["ln_final.bias"])
+  np.testing.assert_array_equal(
+    restored["params"]["text_encoder"]["ln_final"]["bias"], reference_clip(SMALL)[2]["ln_final.bias"]
+  )

@@ -5,92 +5,94 @@
 
 --src: OpenAI's RN50.pt / RN101.pt (TorchScript; reading it needs PyTorch), a torch.save'd state dict, or
 open_clip's open_clip_model.safetensors from the Hugging Face repos timm/resnet50_clip.openai and
-timm/resnet101_clip.openai (read with NumPy; no PyTorch needed).
+timm/resnet101_clip.openai (read with NumPy; no PyTorch needed), or a folder holding the latter.
 
 --out receives `variables/` (Orbax: {"params": ..., "batch_stats": ...} holding only the image- and
-text-encoder subtrees), report.txt and report.json. The directory is written under a temporary name and
-renamed into place, so an interrupted run leaves no half-written checkpoint; an existing non-empty --out is
-refused unless --overwrite. The positional embeddings are stored as CLIP has them and fitted to the model
-when training loads the checkpoint (`load_pretrained(fresh, restore_converted(config.init_from))`), so one
-conversion serves every config with the same backbone (any image size, any context length ≤ 77). --config
-only checks that the backbone fits and previews that load.
+text-encoder subtrees), report.txt and report.json (`fcnet_jax.weights.store`). The directory is written under
+a temporary name and renamed into place (`fileio.atomic_output`), so an interrupted run leaves no half-written
+checkpoint. An existing empty --out is replaced; a non-empty one only with --overwrite, and then only once the
+new weights are converted. The positional embeddings are stored as CLIP has them and fitted to the model when
+training loads the checkpoint, so one conversion serves every config with the same backbone (any image size,
+any context length ≤ 77). --config only checks that the backbone fits and previews that load.
 """
-import os
-import shutil
-import uuid
-from typing import Any, Tuple
 
-from absl import app
+from typing import Any, Sequence, Tuple
+
 from absl import flags
 
+from fcnet_jax import cli
+from fcnet_jax import fileio
 from fcnet_jax.weights import clip
 
 
-def _check_destination(out_dir: str, overwrite: bool):
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise FileExistsError(f"--out={out_dir} exists and is not a directory")
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f"--out={out_dir} exists and is not empty; pass --overwrite to replace it")
+def _check_destination(out: fileio.PathLike, overwrite: bool) -> None:
+  """Fails when `out` may not be replaced (a non-empty folder without `overwrite`, or a file)."""
+  out = fileio.as_path(out)
+  if not out.exists():
+    return
+  if not out.is_dir():
+    raise FileExistsError(f"--out={out} exists and is not a directory")
+  if any(out.iterdir()) and not overwrite:
+    raise FileExistsError(f"--out={out} exists and is not empty; pass --overwrite to replace it")
 
 
-def _move_into_place(tmp_dir: str, out_dir: str, overwrite: bool):
-  """Renames tmp_dir to out_dir; an existing out_dir is moved aside first and deleted only afterwards."""
-  _check_destination(out_dir, overwrite)  # Again: another process may have written it meanwhile.
-  old = None
-  if os.path.isdir(out_dir):
-    old = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out_dir, old)
-  try:
-    os.rename(tmp_dir, out_dir)
-  except OSError:
-    if old is not None:
-      os.rename(old, out_dir)
-    raise
-  if old is not None:
-    shutil.rmtree(old)
+def convert_checkpoint(
+  src: str, out: str, config: Any, overwrite: bool = False
+) -> Tuple[clip.ConversionReport, clip.LoadReport, str]:
+  """Reads `src`, converts it for `config` and writes `out` atomically.
 
-
-def convert_checkpoint(src: str, out_dir: str, config: Any,
-                       overwrite: bool = False) -> Tuple[clip.ConversionReport, clip.LoadReport, str]:
-  """Reads `src`, converts it for `config` and writes out_dir atomically. Returns (conversion, load preview,
-  the report text also written to out_dir/report.txt)."""
-  out_dir = os.path.abspath(out_dir)
-  _check_destination(out_dir, overwrite)  # Fail before the slow part.
+  Returns:
+    (conversion report, preview of loading it into the config's model, the text also written to report.txt).
+  """
+  _check_destination(out, overwrite)  # Fail before the slow part.
   state_dict, source_format = clip.read_state_dict(src)
-  pretrained, conversion = clip.convert_openai_state_dict(state_dict, config, source=src,
-                                                          source_format=source_format)
+  pretrained, conversion = clip.convert_openai_state_dict(state_dict, config, source=src, source_format=source_format)
   del state_dict
   _, preview = clip.load_pretrained(clip.abstract_variables(config), pretrained)
   model_config = config.model if hasattr(config, "model") else config
-  text = (f"{conversion}\n\nLoading it into FCNet with image_size={model_config.image_size}, "
-          f"context_length={model_config.context_length} (what training with config.init_from does):\n{preview}")
+  text = (
+    f"{conversion}\n\nLoading it into FCNet with image_size={model_config.image_size}, "
+    f"context_length={model_config.context_length} (what training with config.init_from does):\n{preview}"
+  )
   report_json = {"conversion": conversion.to_dict(), "load_preview": preview.to_dict()}
-  tmp_dir = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
-    clip.save_converted(tmp_dir, pretrained, text, report_json)
-    _move_into_place(tmp_dir, out_dir, overwrite)
-  finally:
-    if os.path.exists(tmp_dir):
-      shutil.rmtree(tmp_dir)
+  _check_destination(out, overwrite)  # Again: another process may have written it meanwhile.
+  # The old --out stays until the new one is complete (`atomic_output(replace=True)`).
+  with fileio.atomic_output(out, directory=True, replace=True) as tmp:
+    clip.save_converted(tmp, pretrained, text, report_json)
   return conversion, preview, text
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> None:
+  del argv  # cli.run rejects extra arguments.
   args = flags.FLAGS
   _, _, text = convert_checkpoint(args.src, args.out, args.config, overwrite=args.overwrite)
   print(text)
-  print(f"\nWrote {os.path.abspath(args.out)} (set config.init_from to it).")
+  print(f"\nWrote {fileio.as_path(args.out)} (set config.init_from to it).")
 
 
-if __name__ == "__main__":
-  # Flags are defined here, not at import, so that tests and other tools can import this module.
+def define_flags() -> None:
+  """The tool's flags; defined on demand so that tests and other tools can import this module."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from configs import default  # pylint: disable=g-import-not-at-top
+
   flags.DEFINE_string("src", None, "CLIP checkpoint: RN50.pt / RN101.pt, *.pth/*.bin or *.safetensors.")
   flags.DEFINE_string("out", None, "Output directory (config.init_from of the training config).")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration (configs/*.py); only "
-                                  "its model section is used.")
+  config_flags.DEFINE_config_file(
+    "config",
+    default.__file__,
+    "Training configuration (configs/*.py; default: configs/default.py); only its model section is used.",
+  )
   flags.mark_flags_as_required(["src", "out"])
-  app.run(main)
+
+
+def run() -> None:
+  """Console entry point (fcnet-convert-clip)."""
+  if "src" not in flags.FLAGS:
+    define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()
