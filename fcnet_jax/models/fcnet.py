@@ -5,11 +5,15 @@
     logits = model.apply(variables, images, tokens, train=False)           # B×S/4×S/4
     f_v2, f_v3, f_v4 = model.apply(variables, images, train=False, method=FCNet.encode_image)
     f_t, eos, padding_mask = model.apply(variables, tokens, method=FCNet.encode_text)
+    f_v, memory, memory_mask = model.apply(variables, f_v2, f_v3, f_v4, f_t, eos, padding_mask, method=FCNet.fuse)
+    logits = model.apply(variables, f_v, memory, memory_mask, method=FCNet.decode)
+
+`__call__` is exactly encode_image → encode_text → fuse → decode, so each stage can be run (and timed) alone.
 
 Images are normalized B×S×S×3 (NHWC); tokens are B×L CLIP ids. Intermediate features are sown into the
 "intermediates" collection (`mutable=["intermediates"]`) for inspection.
 """
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -105,26 +109,39 @@ class FCNet(nn.Module):
     self.check_inputs(tokens=tokens)
     return self.text_encoder(tokens)
 
+  def fuse(self, f_v2: jax.Array, f_v3: jax.Array, f_v4: jax.Array, f_t: jax.Array, eos: jax.Array,
+           padding_mask: jax.Array, train: bool = False) -> Tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """Encoder features → (F_v, memory, memory_mask): what the decoder attends from and to.
+
+    F_v B×S/16×S/16×C comes from the vision neck (eqs. 1–3). With EGM the memory is the M emphasis features
+    F_e (eq. 4), calibrated by the sentence feature into F_c with ECM (sec. 3.3), and needs no mask; without
+    EGM (the baseline) it is the projected words F_t B×L×C with the text mask (True = a real token).
+    """
+    text_mask = jnp.logical_not(padding_mask)
+    f_v = self.neck(f_v2, f_v3, f_v4, train)
+    self.sow("intermediates", "F_v", f_v)
+    if not self.use_egm:
+      return f_v, self.word_proj(f_t), text_mask
+    memory = self.emphasis_generation(f_v, f_t, text_mask, train)
+    self.sow("intermediates", "F_e", memory)
+    if self.use_ecm:
+      f_tg = self.text_global_proj(eos)
+      memory = self.emphasis_calibration(memory, f_tg)
+      self.sow("intermediates", "F_c", memory)
+    return f_v, memory, None
+
+  def decode(self, f_v: jax.Array, memory: jax.Array, memory_mask: Optional[jax.Array],
+             train: bool = False) -> jax.Array:
+    """F_v attends to the memory through the decoder (eq. 5) → F_q; the mask head → logits B×S/4×S/4 (float32)."""
+    f_q = self.decoder(f_v, memory, memory_mask, train)
+    self.sow("intermediates", "F_q", f_q)
+    return self.mask_head(f_q, train)
+
   def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> jax.Array:
     """Images B×S×S×3 (normalized), tokens B×L → mask logits B×S/4×S/4 (float32)."""
     f_v2, f_v3, f_v4 = self.encode_image(images, train)
     f_t, eos, padding_mask = self.encode_text(tokens)
-    text_mask = jnp.logical_not(padding_mask)
-    f_v = self.neck(f_v2, f_v3, f_v4, train)
-    self.sow("intermediates", "F_v", f_v)
-    if self.use_egm:
-      memory = self.emphasis_generation(f_v, f_t, text_mask, train)
-      memory_mask = None
-      self.sow("intermediates", "F_e", memory)
-      if self.use_ecm:
-        f_tg = self.text_global_proj(eos)
-        memory = self.emphasis_calibration(memory, f_tg)
-        self.sow("intermediates", "F_c", memory)
-    else:
-      memory, memory_mask = self.word_proj(f_t), text_mask
-    f_q = self.decoder(f_v, memory, memory_mask, train)
-    self.sow("intermediates", "F_q", f_q)
-    return self.mask_head(f_q, train)
+    return self.decode(*self.fuse(f_v2, f_v3, f_v4, f_t, eos, padding_mask, train), train)
 
 
 def check_model_config(cfg: Mapping[str, Any]) -> None:

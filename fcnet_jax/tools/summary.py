@@ -3,17 +3,23 @@
     python -m fcnet_jax.tools.summary --config=configs/refcoco_r101.py [--config.model.num_emphasis=8]
 
 FLOPs come from XLA's HLO cost analysis of the jitted inference forward pass at batch 1; XLA counts a
-multiply-add as 2 FLOPs (the paper's Table 5 "GFLOPs" count it once).
+multiply-add as 2 FLOPs (the paper's Table 5 "GFLOPs" count it once). The benchmark
+(`fcnet_jax.tools.benchmark`) reports the same numbers through `model_summary`.
 """
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcnet_jax import cli
 from fcnet_jax.models import fcnet
+
+
+def count_parameters(tree: Any) -> int:
+  """Number of scalars in a tree of arrays (or of shapes: `jax.ShapeDtypeStruct`s count the same)."""
+  return int(sum(int(np.prod(leaf.shape, dtype=np.int64)) for leaf in jax.tree.leaves(tree)))
 
 
 def abstract_variables(model: fcnet.FCNet) -> Any:
@@ -21,6 +27,16 @@ def abstract_variables(model: fcnet.FCNet) -> Any:
   images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   tokens = jnp.zeros((1, model.context_length), jnp.int32)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens, train=False))
+
+
+def xla_flops(lowered_or_compiled: Any) -> Optional[float]:
+  """FLOPs in XLA's cost analysis of a lowered or compiled computation; None where XLA gives none."""
+  try:
+    cost = lowered_or_compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def forward_flops(model: fcnet.FCNet, variables: Any, batch_size: int = 1) -> float:
@@ -38,30 +54,27 @@ def forward_flops(model: fcnet.FCNet, variables: Any, batch_size: int = 1) -> fl
   tokens = abstract((batch_size, model.context_length), jnp.int32)
   variables = jax.tree.map(lambda x: abstract(x.shape, x.dtype), variables)
   lowered = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False)).lower(variables, images, tokens)
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if not cost or "flops" not in cost:
+  flops = xla_flops(lowered)
+  if flops is None:
     raise RuntimeError("XLA gave no cost analysis (FLOPs) of the forward pass")
-  return float(cost["flops"])
+  return flops
 
 
 def model_summary(model_config) -> Dict[str, Any]:
   """Parameters (total and per top-level module) and forward GFLOPs per image for `config.model`."""
   model = fcnet.build_model(model_config)
   variables = abstract_variables(model)
-  per_module = {name: int(sum(np.prod(x.shape) for x in jax.tree.leaves(sub)))
-                for name, sub in variables["params"].items()}
+  per_module = {name: count_parameters(sub) for name, sub in variables["params"].items()}
   flops = forward_flops(model, variables)
-  return {"params": int(sum(per_module.values())), "params_per_module": per_module,
+  return {"params": count_parameters(variables["params"]), "params_per_module": per_module,
           "forward_gflops_per_image": flops / 1e9, "forward_gmacs_per_image": flops / 2e9,
           "image_size": model.image_size, "context_length": model.context_length, "variables": variables}
 
 
-def main(argv):
-  del argv
+def main(argv: Sequence[str]) -> None:
+  del argv  # cli.run rejects extra arguments.
   from clu import parameter_overview  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
-  summary = model_summary(config.model)
+  summary = model_summary(flags.FLAGS.config.model)
   print(parameter_overview.get_parameter_overview(summary["variables"]["params"], include_stats=False))
   print("\nParameters per module:")
   for name, count in summary["params_per_module"].items():
@@ -72,7 +85,22 @@ def main(argv):
         f"(= {summary['forward_gmacs_per_image']:.2f} G multiply-adds; XLA counts a multiply-add as 2 FLOPs)")
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+  """The tool's flags; defined on demand so that other tools (the benchmark) can import this module."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/tiny.py", "Configuration file (configs/*.py).")
-  app.run(main)
+
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", tiny.__file__, "Configuration file (configs/*.py; default: "
+                                  "configs/tiny.py).")
+
+
+def run() -> None:
+  """Console entry point (fcnet-summary)."""
+  if "config" not in flags.FLAGS:
+    define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # FCNet benchmark on a lent GPU machine: one prepared run (see BENCHMARKS.md).
 #
-#   tools/gpu_bench.sh [MODE]
+#   benchmarks/gpu_bench.sh [MODE]
 #
 # MODE (each step writes $OUT/<step>.json and $OUT/<step>.log; the JSON is rewritten after every variant, so a
 # step stopped by its time limit keeps what it measured):
 #   targets   (default) R101 in bf16: training at batch 8 and 32 (+ HLO report and a 3-step profile summary of
-#             batch 32), inference at batch 1 (+ profile) and 32, the bf16 matmul peak — the issue's targets. Four
+#             batch 32), inference at batch 1 (+ profile) and 32, the bf16 matmul peak — the R101 targets. Four
 #             compiles of R101: 292 s in all on an H200 (2026-11-26); STEP_LIMIT_S (540 s) keeps it inside one call.
 #   fp32      R101 in fp32: training 8 and 32, inference 1 and 32, the fp32 matmul peak.
 #   diagnose  R101 bf16 at batch 32: per-stage forward and forward+backward times, a 3-step profile summary.
@@ -18,7 +18,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps -d .whl ml-collections==1.1.0 clu==0.0.12
 #   git rev-parse HEAD > .whl/COMMIT        # the device copy has no .git; the JSON records this commit
-# and run, through the device tool: command "bash tools/gpu_bench.sh targets", carry [".whl"].
+# and run, through the device tool: command "bash benchmarks/gpu_bench.sh targets", carry [".whl"].
 #
 # Environment: OUT (results folder; default /tmp/fcnet_bench), PYTHON (default python3), STEP_LIMIT_S (time
 # limit of each R101 step; default 540), BENCH_CONFIG (the config of the "R101" steps; default
@@ -101,9 +101,9 @@ esac
 # The short table last: every result of this run.
 "$py" - "$out" <<'EOF'
 import glob, json, os, sys
-from fcnet_jax.tools import benchmark
+from fcnet_jax.tools.benchmark import report
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
   with open(path) as f:
-    print(f"\n# {os.path.basename(path)}\n{benchmark.format_table(json.load(f))}")
+    print(f"\n# {os.path.basename(path)}\n{report.format_table(json.load(f))}")
 EOF
 exit $((failures > 0))
