@@ -1,4 +1,4 @@
-"""Default hyper-parameters: the paper's RefCOCO R101 setup (FCNet sec. 4.1, model.md).
+"""Default hyper-parameters: the paper's RefCOCO R101 setup (FCNet sec. 4.1; docs/model.md).
 
 Setups in this folder start from `get_config()` here and change a few fields. Every field can be overridden
 on the command line, e.g. `--config.model.num_emphasis=8`.
@@ -7,7 +7,7 @@ import ml_collections
 
 
 def get_model_config() -> ml_collections.ConfigDict:
-  """FCNet with the CLIP RN101 backbone at 480×480 (model.md). Every (choice) of model.md is a field."""
+  """FCNet with the CLIP RN101 backbone at 480×480; (choice) marks a choice the paper leaves open (docs/model.md)."""
   m = ml_collections.ConfigDict()
   m.image_size = 480            # S: square letterbox canvas; must be divisible by 32.
   m.context_length = 17         # L: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.
@@ -78,6 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dice_weight = 0.0               # > 0 adds dice_weight × soft Dice to the BCE (beyond the paper: BCE only).
   config.init_from = ""                  # Orbax checkpoint written by `fcnet_jax.tools.convert_clip`.
   config.mask_threshold = 0.35           # On sigmoid probabilities (CRIS).
+  # The final evaluation (and --mode=eval) also scores every split with sentences shuffled across examples.
+  config.eval_shuffled_control = False
 
   config.log_every_steps = 50
   config.eval_every_epochs = 1

@@ -1,9 +1,10 @@
-"""Tests of fcnet_jax/train.py: the real training loop on tiny synthetic data, exact resume, eval mode, optimiser.
+"""Tests of fcnet_jax/train.py: the real training loop on tiny synthetic data, exact resume, eval mode, optimiser
+(and fcnet_jax/checkpoints.py, the control of fcnet_jax/evaluate.py).
 
 The loop runs as `python main.py` in subprocesses on the synthetic refer data converted by the real converter:
 
   A: 2 steps (evaluation + checkpoint at step 2), then A again in the same workdir up to step 4 (a restart: new
-     process, new Trainer; it resumes from the step-2 checkpoint, the pipeline from start_step=2);
+     process, new state; it resumes from the step-2 checkpoint, the pipeline from start_step=2);
   B: 4 uninterrupted steps in a fresh workdir;
   `--mode=eval --checkpoint=best` on A.
 
@@ -11,7 +12,8 @@ Resuming is checked bitwise (CPU XLA is deterministic for a fixed program): ever
 checkpoints (params, Adam moments and counts, BatchNorm statistics, step, dropout key) must be equal. The model
 uses dropout (tiny config: 0.1) and the learning rate drops ×0.1 at step 3, between the two halves of A, so the
 dropout key folding, the data position and the schedule all matter. The optimiser tests run in-process on the
-real parameter tree (`jax.eval_shape`, nothing compiled but one optimiser update).
+real parameter tree (`jax.eval_shape`, nothing compiled but one optimiser update) against hand-computed Adam
+steps. tests/test_eval_paths.py covers the other evaluation paths, TensorBoard and the profiler.
 """
 import functools
 import json
@@ -29,10 +31,12 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fcnet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fcnet_jax.models import fcnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # pycocotools (synthetic data / converter) warns once per decoded mask under NumPy 2.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -70,10 +74,6 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _steps(directory: str):
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
 @pytest.fixture(scope="module")
 def runs(dataset, tmp_path_factory):
   """Runs A (2 steps, then resumed to 4), B (4 steps) and eval mode on A; returns what each left behind."""
@@ -83,7 +83,7 @@ def runs(dataset, tmp_path_factory):
   out = {"a": a, "b": b}
   _main(a, shards, str(root / "a1.log"), "--config.num_train_steps=2")
   out["a_eval_2"] = _read_json(os.path.join(a, "eval_val.json"))
-  out["a_steps_2"] = (_steps(os.path.join(a, "checkpoints")), _steps(os.path.join(a, "best")))
+  out["a_steps_2"] = (train_worker.checkpoint_steps(a, "checkpoints"), train_worker.checkpoint_steps(a, "best"))
   out["a2_log"] = _main(a, shards, str(root / "a2.log"), "--config.num_train_steps=4")
   out["a_eval_4"] = _read_json(os.path.join(a, "eval_val.json"))
   _main(b, shards, str(root / "b.log"), "--config.num_train_steps=4")
@@ -125,9 +125,9 @@ def test_training_writes_evaluations_checkpoints_and_logs(runs, dataset):
   _check_eval_json(runs["a_eval_2"], 2, num_pairs)
   _check_eval_json(runs["a_eval_4"], 4, num_pairs)
   assert runs["a_steps_2"] == ([2], [2])
-  assert _steps(os.path.join(runs["a"], "checkpoints")) == [2, 4]
+  assert train_worker.checkpoint_steps(runs["a"], "checkpoints") == [2, 4]
   # The best manager keeps the one step with the highest validation mIoU.
-  best = _steps(os.path.join(runs["a"], "best"))
+  best = train_worker.checkpoint_steps(runs["a"], "best")
   evals = {2: runs["a_eval_2"]["mIoU"], 4: runs["a_eval_4"]["mIoU"]}
   assert len(best) == 1 and evals[best[0]] == max(evals.values())
   assert "Resumed from step 2" in runs["a2_log"]
@@ -161,7 +161,7 @@ def test_resume_is_bitwise_exact(runs):
 
 def test_eval_mode_restores_the_best_checkpoint(runs, dataset):
   _, summary = dataset
-  best_step = _steps(os.path.join(runs["a"], "best"))[0]
+  best_step = train_worker.checkpoint_steps(runs["a"], "best")[0]
   at_training = runs[f"a_eval_{best_step}"]
   evaluated = runs["eval_mode"]
   _check_eval_json(evaluated, best_step, summary["splits"]["val"]["sentences"])
@@ -227,56 +227,104 @@ def test_parameter_labels_split_encoders_from_the_rest(param_shapes):
   flat_labels = traverse_util.flatten_dict(labels, sep="/")
   expected = {path: "encoder" if path.split("/")[0] in ENCODERS else "head" for path in flat_labels}
   assert flat_labels == expected
-  assert {p.split("/")[0] for p, l in flat_labels.items() if l == "head"} >= {"neck", "decoder", "mask_head"}
-  assert sum(l == "encoder" for l in flat_labels.values()) > 20
+  assert {p.split("/")[0] for p, label in flat_labels.items() if label == "head"} >= {"neck", "decoder", "mask_head"}
+  assert sum(label == "encoder" for label in flat_labels.values()) > 20
+
+
+def _random_tree(shapes, rng, scale=1.0):
+  return jax.tree.map(lambda s: (rng.normal(size=s.shape) * scale).astype(np.float32), shapes)
+
+
+def _one_update(params, grads, **overrides):
+  """params after one step of the real optimiser (`train.create_optimizer`) at LEARNING_RATE, flattened "a/b/c"."""
+  config = _schedule_config(learning_rate=LEARNING_RATE, lr_schedule="piecewise", warmup_steps=0, **overrides)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10, 100))
+
+  @jax.jit
+  def step(params, grads):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return optax.apply_updates(params, updates)
+
+  return traverse_util.flatten_dict(jax.device_get(step(params, grads)), sep="/")
+
+
+def _check_adam_first_step(new, params, direction, lr_multi, atol=1e-6):
+  """new − params == −lr·scale·direction per parameter (scale = lr_multi for the encoders); direction float64."""
+  for path, old in traverse_util.flatten_dict(params, sep="/").items():
+    scale = lr_multi if path.split("/")[0] in ENCODERS else 1.0
+    if scale == 0.0:
+      np.testing.assert_array_equal(new[path], old, err_msg=path)
+      continue
+    # |params| ≲ 5, so float32 rounding of the new value is ≤ 3e-7 — far below the 1e-4 of lr × 0.1.
+    np.testing.assert_allclose(new[path].astype(np.float64) - old, -LEARNING_RATE * scale * direction[path],
+                               rtol=0, atol=atol, err_msg=path)
+
+
+EPS = 1e-8  # optax.adam's eps
 
 
 def test_encoders_train_at_lr_times_lr_multi(param_shapes):
   """One Adam step of the real optimiser: the first update is −lr·g/(|g| + eps) (bias-corrected moments)."""
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), param_shapes)
+  params = _random_tree(param_shapes, rng)
   grads = jax.tree.map(lambda p: (rng.normal(size=p.shape) * 10.0 ** rng.uniform(-6, 0, p.shape)).astype(
       np.float32), params)
-  lr, eps = 1e-3, 1e-8
+  flat_grad = {k: g.astype(np.float64) for k, g in traverse_util.flatten_dict(grads, sep="/").items()}
+  direction = {k: g / (np.abs(g) + EPS) for k, g in flat_grad.items()}
   for multiplier in (0.0, 0.1):
-    config = _schedule_config(learning_rate=lr, lr_schedule="piecewise", warmup_steps=0, lr_multi=multiplier,
-                              weight_decay=0.0, grad_clip_norm=0.0)
-    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10, 100))
+    new = _one_update(params, grads, lr_multi=multiplier, weight_decay=0.0, grad_clip_norm=0.0)
+    _check_adam_first_step(new, params, direction, multiplier)
 
-    @jax.jit
-    def step(params, grads):
-      updates, _ = tx.update(grads, tx.init(params), params)  # pylint: disable=cell-var-from-loop
-      return optax.apply_updates(params, updates)
 
-    flat_new = traverse_util.flatten_dict(jax.device_get(step(params, grads)), sep="/")
-    flat_grad = traverse_util.flatten_dict(grads, sep="/")
-    for path, old in traverse_util.flatten_dict(params, sep="/").items():
-      scale = multiplier if path.split("/")[0] in ENCODERS else 1.0
-      if scale == 0.0:
-        np.testing.assert_array_equal(flat_new[path], old, err_msg=path)
-        continue
-      g = flat_grad[path].astype(np.float64)
-      expected = -lr * scale * g / (np.abs(g) + eps)
-      # |params| ≲ 5, so float32 rounding of the new value is ≤ 3e-7 — far below the 1e-4 of lr × 0.1.
-      np.testing.assert_allclose(flat_new[path].astype(np.float64) - old, expected, rtol=0, atol=1e-6,
-                                 err_msg=path)
+def test_adamw_weight_decay_is_decoupled_and_scaled_by_the_learning_rate(param_shapes):
+  """AdamW's first step: −lr·scale·(g/(|g| + eps) + weight_decay·p) for every parameter (biases included)."""
+  rng = np.random.default_rng(1)
+  params = _random_tree(param_shapes, rng)
+  grads = _random_tree(param_shapes, rng, scale=1e-3)
+  weight_decay = 0.1
+  flat_params = {k: p.astype(np.float64) for k, p in traverse_util.flatten_dict(params, sep="/").items()}
+  flat_grad = {k: g.astype(np.float64) for k, g in traverse_util.flatten_dict(grads, sep="/").items()}
+  adam = {k: g / (np.abs(g) + EPS) for k, g in flat_grad.items()}
+  new = _one_update(params, grads, lr_multi=0.1, weight_decay=weight_decay, grad_clip_norm=0.0)
+  _check_adam_first_step(new, params, {k: adam[k] + weight_decay * flat_params[k] for k in adam}, 0.1)
+  # The decay term is visible: without it the step would be off by up to lr·wd·|p| ≈ 4e-4 on the head.
+  with pytest.raises(AssertionError):
+    _check_adam_first_step(new, params, adam, 0.1)
+
+
+def test_gradient_clipping_scales_the_global_norm(param_shapes):
+  """Gradients clipped to global norm c before Adam: g·min(1, c/‖g‖). Adam's first step is scale-free except
+  through eps, so the gradients are small (~1e-6, |g| ~ eps after clipping) with one large entry setting ‖g‖."""
+  rng = np.random.default_rng(2)
+  params = _random_tree(param_shapes, rng)
+  flat = traverse_util.flatten_dict(_random_tree(param_shapes, rng, scale=1e-6), sep="/")
+  flat[sorted(k for k in flat if k.startswith("neck/"))[0]].reshape(-1)[0] = 100.0
+  grads = traverse_util.unflatten_dict(flat, sep="/")
+  flat_grad = {k: g.astype(np.float64) for k, g in flat.items()}
+  norm = np.sqrt(sum(np.sum(g ** 2) for g in flat_grad.values()))
+  clip = 1.0
+  clipped = {k: g * min(1.0, clip / norm) for k, g in flat_grad.items()}
+  new = _one_update(params, grads, lr_multi=0.1, weight_decay=0.0, grad_clip_norm=clip)
+  _check_adam_first_step(new, params, {k: g / (np.abs(g) + EPS) for k, g in clipped.items()}, 0.1)
+  with pytest.raises(AssertionError):  # Unclipped, the small gradients would take near-full ±lr steps.
+    _check_adam_first_step(new, params, {k: g / (np.abs(g) + EPS) for k, g in flat_grad.items()}, 0.1)
 
 
 def test_best_checkpoint_survives_a_restart_that_re_evaluates_its_step(tmp_path):
   """Preempted after the best checkpoint of step 4 but before a latest one: the rerun evaluates step 4 again."""
   state = {"w": jnp.arange(3.0)}
-  checkpoints = train.Checkpoints(str(tmp_path), keep=2)
+  checkpoints = checkpoints_lib.Checkpoints(str(tmp_path), keep=2)
   checkpoints.save_latest(2, state)
   checkpoints.save_best(4, state, {"mIoU": 0.5})
   checkpoints.save_best(6, state, {"mIoU": 0.25})  # Not better: Orbax drops it again.
   checkpoints.wait()
   checkpoints.close()
-  restarted = train.Checkpoints(str(tmp_path), keep=2)
-  assert restarted.latest.latest_step() == 2 and restarted.best.all_steps() == [4]
+  restarted = checkpoints_lib.Checkpoints(str(tmp_path), keep=2)
+  assert restarted.latest_step() == 2 and restarted.steps() == {"checkpoints": [2], "best": [4]}
   restarted.save_best(4, state, {"mIoU": 0.5})
   restarted.save_best(6, state, {"mIoU": 0.75})
   restarted.wait()
-  assert restarted.best.all_steps() == [6]
+  assert restarted.steps()["best"] == [6]
   restored = restarted.restore({"w": jnp.zeros(3)}, "best")
   np.testing.assert_array_equal(restored["w"], [0.0, 1.0, 2.0])
   restarted.close()
@@ -288,13 +336,13 @@ def test_shuffled_control_gives_every_example_another_objects_sentence():
   valid = np.ones(10, bool)
   valid[-1] = False  # Padding never donates a sentence.
   batch = {"tokens": tokens, "ref_id": ref_ids, "valid": valid, "image": np.zeros((10, 2, 2, 3), np.uint8)}
-  shuffled = train.shuffle_sentences(batch)
+  shuffled = evaluate.shuffle_sentences(batch)
   donors = shuffled["tokens"][:, 0]
   assert np.all(ref_ids[donors] != ref_ids)
   assert np.all(valid[donors])
   assert len(set(donors.tolist())) > 3  # Drawn across the batch, not one fixed neighbour.
   np.testing.assert_array_equal(shuffled["image"], batch["image"])
-  np.testing.assert_array_equal(train.shuffle_sentences(batch)["tokens"], shuffled["tokens"])  # Deterministic.
+  np.testing.assert_array_equal(evaluate.shuffle_sentences(batch)["tokens"], shuffled["tokens"])  # Deterministic.
   # A batch of one object has no wrong sentence to give: every example keeps its own.
   single = {"tokens": tokens[:3], "ref_id": ref_ids[:3]}
-  np.testing.assert_array_equal(train.shuffle_sentences(single)["tokens"], tokens[:3])
+  np.testing.assert_array_equal(evaluate.shuffle_sentences(single)["tokens"], tokens[:3])

@@ -10,18 +10,17 @@ needs its own interpreter; this script is that interpreter. It also holds the he
       reads the real per-process evaluation pipeline. Writes O/state.npz (final state), O/state_<n>.npz (the
       checkpoints of --dump_steps), O/result.json (last evaluation, devices, process, which rows were fed).
   python tests/train_worker.py sharded_step --tfrecord_dir=D --out=O
-      One `Trainer.train_step` on the first global batch over every device (run it with
+      One `train.jit_train_step` on the first global batch over every device (run it with
       XLA_FLAGS=--xla_force_host_platform_device_count=8). Writes O/state.npz and O/result.json.
   python tests/train_worker.py evaluate --tfrecord_dir=D --workdir=W --out=O
-      `train.evaluate_checkpoint` of W's latest checkpoint. Writes O/result.json.
+      `evaluate.evaluate` of W's latest checkpoint. Writes O/result.json.
 """
 import argparse
-import json
 import os
 import socket
 import subprocess
 import sys
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,27 +98,40 @@ def check_exit(returncode: int, command: Sequence[str], log_path: str):
     raise AssertionError(f"{' '.join(command)} exited with {returncode}; log tail:\n{tail}")
 
 
-def read_scalars(workdir: str) -> Dict[str, Dict[int, float]]:
-  """{tag: {step: value}} of every TensorBoard events file in `workdir` (TensorFlow; tests only)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-  scalars: Dict[str, Dict[int, float]] = {}
+def read_summaries(workdir: str) -> List[Tuple[int, Any]]:
+  """(step, `Summary.Value` proto) of every summary in `workdir`'s TensorBoard events files (TensorFlow)."""
+  from input_pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
+  tf = import_tensorflow()
+  values = []
   for name in sorted(os.listdir(workdir)):
-    if not name.startswith("events.out.tfevents"):
+    if name.startswith("events.out.tfevents"):
+      for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+        values.extend((int(event.step), value) for value in event.summary.value)
+  return values
+
+
+def read_scalars(workdir: str) -> Dict[str, Dict[int, float]]:
+  """{tag: {step: value}} of every scalar summary in `workdir` (TensorFlow; tests only)."""
+  from input_pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
+  tf = import_tensorflow()
+  scalars: Dict[str, Dict[int, float]] = {}
+  for step, value in read_summaries(workdir):
+    if value.HasField("simple_value"):
+      number = value.simple_value
+    elif value.HasField("tensor") and not value.tensor.string_val:
+      number = tf.make_ndarray(value.tensor)
+      if number.size != 1:
+        continue
+      number = float(number.reshape(()))
+    else:
       continue
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
-      for value in event.summary.value:
-        if value.HasField("simple_value"):
-          number = value.simple_value
-        elif value.HasField("tensor") and not value.tensor.string_val:
-          number = tf.make_ndarray(value.tensor)
-          if number.size != 1:
-            continue
-          number = float(number.reshape(()))
-        else:
-          continue
-        scalars.setdefault(value.tag, {})[int(event.step)] = float(number)
+    scalars.setdefault(value.tag, {})[step] = float(number)
   return scalars
+
+
+def checkpoint_steps(workdir: str, manager: str) -> List[int]:
+  """The steps of the Orbax checkpoints in `workdir`/`manager` ("checkpoints" or "best")."""
+  return sorted(int(name) for name in os.listdir(os.path.join(workdir, manager)) if name.isdigit())
 
 
 def load_npz(path: str) -> Dict[str, Any]:
@@ -159,6 +171,7 @@ def _global_batches(config, start_step: int) -> Iterator[Dict[str, Any]]:
 def _own_rows(mesh, global_size: int) -> slice:
   """The contiguous rows of a global batch that this process's devices hold under `batch_sharding`."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
   index_map = sharding.batch_sharding(mesh).devices_indices_map((global_size,))
   starts = sorted(index[0].start or 0 for device, index in index_map.items()
@@ -170,14 +183,17 @@ def _own_rows(mesh, global_size: int) -> slice:
 
 
 def _write_json(path: str, payload: Mapping[str, Any]):
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+  from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
+  fileio.write_json(path, payload)
 
 
 def _train(args, config) -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from fcnet_jax import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
   from fcnet_jax import train  # pylint: disable=g-import-not-at-top
   rows = _own_rows(sharding.create_mesh(), config.batch_size)
@@ -188,20 +204,19 @@ def _train(args, config) -> None:
       fed.append(batch["ref_id"][rows].tolist())
       yield {name: value[rows] for name, value in batch.items()}
 
-  data = train.DataSource(config, train_iter_fn=train_iter_fn)
-  result = train.train_and_evaluate(config, args.workdir, data=data)
+  data = data_lib.DataSource(config, train_iter_fn=train_iter_fn)
+  state, eval_metrics = train.train_and_evaluate(config, args.workdir, data=data)
   logging.info("worker: train_and_evaluate returned")
-  state = result["state"]
   np.savez(os.path.join(args.out, "state.npz"), **flat_state(state))
-  checkpoints = train.Checkpoints(args.workdir, config.keep_checkpoints)
+  checkpoints = checkpoints_lib.Checkpoints(args.workdir, read_only=True)
   for step in [int(s) for s in args.dump_steps.split(",") if s]:
-    restored = checkpoints.restore(state, "latest", step)
+    restored = checkpoints.restore(state, step)
     logging.info("worker: restored step %d", step)
     np.savez(os.path.join(args.out, f"state_{step}.npz"), **flat_state(restored))
   checkpoints.close()
   logging.info("worker: dumped")
   _write_json(os.path.join(args.out, "result.json"), {
-      "eval": result["eval"], "process_index": jax.process_index(), "process_count": jax.process_count(),
+      "eval": eval_metrics, "process_index": jax.process_index(), "process_count": jax.process_count(),
       "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
       "rows": [rows.start, rows.stop], "fed_ref_ids": fed})
 
@@ -209,15 +224,20 @@ def _train(args, config) -> None:
 def _sharded_step(args, config) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from fcnet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
   from fcnet_jax import train  # pylint: disable=g-import-not-at-top
-  data = train.DataSource(config)
-  steps_per_epoch, total_steps = train.schedule_lengths(config, data.split_sizes()["train"]["refs"])
-  trainer = train.Trainer(config, steps_per_epoch, total_steps)
-  state = trainer.initial_state()
-  batch = sharding.global_batch(next(_global_batches(config, 0)), trainer.mesh)
-  with sharding.use_mesh(trainer.mesh):  # pylint: disable=protected-access
-    state, metrics = trainer.train_step(state, batch)
+  from fcnet_jax.models import fcnet  # pylint: disable=g-import-not-at-top
+  # What train_and_evaluate builds before its first step.
+  steps_per_epoch, total_steps = train.schedule_lengths(
+      config, data_lib.DataSource(config).split_sizes()["train"]["refs"])
+  model, mesh = fcnet.build_model(config.model), sharding.create_mesh()
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch, total_steps))
+  state = train.initial_state(config, model, tx, mesh)
+  batch = sharding.global_batch(next(_global_batches(config, 0)), mesh)
+  with sharding.use_mesh(mesh):
+    state, metrics = train.jit_train_step(config, model, mesh)(state, batch)
   np.savez(os.path.join(args.out, "state.npz"), **flat_state(state))
   _write_json(os.path.join(args.out, "result.json"), {
       "train": metrics.compute(), "device_count": jax.device_count(),
@@ -226,8 +246,8 @@ def _sharded_step(args, config) -> None:
 
 
 def _evaluate(args, config) -> None:
-  from fcnet_jax import train  # pylint: disable=g-import-not-at-top
-  results = train.evaluate_checkpoint(config, args.workdir, checkpoint="latest")
+  from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  results = evaluate.evaluate(config, args.workdir, checkpoint="latest")
   _write_json(os.path.join(args.out, "result.json"), {"eval": results})
 
 
