@@ -8,6 +8,7 @@
 ("latest", "best" or a step number). Both end with the table of the evaluation splits, and with the
 shuffled-sentence control when `--config.eval_shuffled_control=true` (on in configs/demo.py).
 """
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,8 +27,12 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Configuration file (configs/*.py); default: the "
-                                  "embedded default, configs/demo.py.", lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config",
+    DEFAULT_CONFIG,
+    "Configuration file (configs/*.py); default: the embedded default, configs/demo.py.",
+    lock_config=True,
+  )
   flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and evaluation results go here.")
   flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes from the latest checkpoint) or eval.")
   flags.DEFINE_string("checkpoint", "latest", "--mode=eval: 'latest', 'best' or a step number.")
@@ -50,10 +55,8 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  """The console script: defines the flags (once) and runs `main` with one-line errors (`--verbose`)."""
-  if "workdir" not in FLAGS:
-    define_flags()
-  cli.run(main)
+  """The `fcnet-train` entry point: defines the flags (once) and runs `main` with one-line errors."""
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,20 @@
 Setups in this folder start from `get_config()` here and change a few fields. Every field can be overridden
 on the command line, e.g. `--config.model.num_emphasis=8`.
 """
+
 import ml_collections
 
 
 def get_model_config() -> ml_collections.ConfigDict:
   """FCNet with the CLIP RN101 backbone at 480×480; (choice) marks a choice the paper leaves open (docs/model.md)."""
   m = ml_collections.ConfigDict()
-  m.image_size = 480            # S: square letterbox canvas; must be divisible by 32.
-  m.context_length = 17         # L: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.
+  m.image_size = 480  # S: square letterbox canvas; must be divisible by 32.
+  m.context_length = 17  # L: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.
   # CLIP image encoder (ModifiedResNet).
   m.vision_layers = (3, 4, 23, 3)  # RN101; RN50 is (3, 4, 6, 3).
   m.vision_width = 64
-  m.vision_heads = 32           # Attention-pool heads: vision_width * 32 // 64 in CLIP.
-  m.embed_dim = 512             # CLIP joint embedding: 512 for RN101, 1024 for RN50.
+  m.vision_heads = 32  # Attention-pool heads: vision_width * 32 // 64 in CLIP.
+  m.embed_dim = 512  # CLIP joint embedding: 512 for RN101, 1024 for RN50.
   # CLIP text encoder.
   m.vocab_size = 49408
   m.text_width = 512
@@ -24,20 +25,20 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.text_embed_init_std = 0.02  # (choice) Token-embedding init (CLIP); matters only for a text encoder from scratch.
   # FCNet.
   m.neck_dims = (256, 512, 1024)  # CRIS FPN widths.
-  m.hidden_dim = 512            # C.
-  m.num_emphasis = 16           # N_k (choice).
-  m.attention_heads = 8         # EGM, ECM and decoder heads.
+  m.hidden_dim = 512  # C.
+  m.num_emphasis = 16  # N_k (choice).
+  m.attention_heads = 8  # EGM, ECM and decoder heads.
   m.decoder_layers = 3
   m.decoder_ffn_dim = 2048
   m.dropout = 0.1
-  m.use_egm = True              # False: decoder cross-attends to the word features (CRIS-like baseline).
-  m.use_ecm = True              # False: F_c = F_e.
-  m.egm_layernorm = True        # (choice) LayerNorm on the emphasis features F_e.
-  m.egm_heads = 0               # (choice) EGM cross-attention heads; 0: attention_heads.
+  m.use_egm = True  # False: decoder cross-attends to the word features (CRIS-like baseline).
+  m.use_ecm = True  # False: F_c = F_e.
+  m.egm_layernorm = True  # (choice) LayerNorm on the emphasis features F_e.
+  m.egm_heads = 0  # (choice) EGM cross-attention heads; 0: attention_heads.
   m.egm_query_init_scale = 1.0  # (choice) × the LeCun init of the EGM query projection (sharper attention at init).
-  m.calibration_gate = "none"   # (choice) α as plain scalars ("none"), "sigmoid" or "softmax" over N_k.
+  m.calibration_gate = "none"  # (choice) α as plain scalars ("none"), "sigmoid" or "softmax" over N_k.
   m.freeze_backbone_bn = False  # (choice) True: backbone BatchNorm always uses running statistics.
-  m.dtype = "bfloat16"          # Compute dtype; parameters are always float32.
+  m.dtype = "bfloat16"  # Compute dtype; parameters are always float32.
   return m
 
 
@@ -47,13 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = get_model_config()
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = "refcoco"        # refcoco | refcoco+ | refcocog
-  config.data.split_by = "unc"           # unc | google | umd
-  config.data.tfrecord_dir = ""          # Output of `python -m input_pipeline.convert`.
+  config.data.dataset = "refcoco"  # refcoco | refcoco+ | refcocog
+  config.data.split_by = "unc"  # unc | google | umd
+  config.data.tfrecord_dir = ""  # Output of `python -m input_pipeline.convert`.
   config.data.train_split = "train"
   config.data.eval_splits = ("val",)
   config.data.shuffle_buffer = 4096
-  config.data.eval_canvas = 640          # Original-size canvas for evaluation (COCO images are ≤ 640 a side).
+  config.data.eval_canvas = 640  # Original-size canvas for evaluation (COCO images are ≤ 640 a side).
+  config.data.letterbox = "integer"  # "integer" (ours) | "cris" (CRIS's float affine, cubic; docs/data.md).
   # Embedded synthetic refer-format data (configs/demo.py): generated + converted into the workdir when
   # tfrecord_dir is empty.
   config.data.synthetic = False
@@ -62,30 +64,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_eval_images = 40
 
   config.seed = 0
-  config.batch_size = 64                 # Global, across all devices and hosts.
+  config.batch_size = 64  # Global, across all devices and hosts.
   config.eval_batch_size = 64
   config.num_epochs = 50
-  config.num_train_steps = 0             # > 0 overrides num_epochs.
+  config.num_train_steps = 0  # > 0 overrides num_epochs.
   config.learning_rate = 1e-4
-  config.lr_decay_epochs = (35,)         # Piecewise constant: × lr_decay_factor at each of these epochs.
+  config.lr_decay_epochs = (35,)  # Piecewise constant: × lr_decay_factor at each of these epochs.
   config.lr_decay_factor = 0.1
-  config.lr_schedule = "piecewise"       # piecewise (paper) | cosine (warm-up + cosine to 0; short runs)
+  config.lr_schedule = "piecewise"  # piecewise (paper) | cosine (warm-up + cosine to 0; short runs)
   config.warmup_steps = 0
   config.encoder_lr_regex = r"^(image_encoder|text_encoder)/"  # Parameters trained at lr × lr_multi.
-  config.lr_multi = 0.1                  # Image and text encoders train at learning_rate × lr_multi (CRIS).
+  config.lr_multi = 0.1  # Image and text encoders train at learning_rate × lr_multi (CRIS).
   config.weight_decay = 0.0
-  config.grad_clip_norm = 0.0            # 0 disables clipping.
-  config.dice_weight = 0.0               # > 0 adds dice_weight × soft Dice to the BCE (beyond the paper: BCE only).
-  config.init_from = ""                  # Orbax checkpoint written by `fcnet_jax.tools.convert_clip`.
-  config.mask_threshold = 0.35           # On sigmoid probabilities (CRIS).
+  config.grad_clip_norm = 0.0  # 0 disables clipping.
+  config.dice_weight = 0.0  # > 0 adds dice_weight × soft Dice to the BCE (beyond the paper: BCE only).
+  config.init_from = ""  # Orbax checkpoint written by `fcnet_jax.tools.convert_clip`.
+  config.mask_threshold = 0.35  # On sigmoid probabilities (CRIS).
   # The final evaluation (and --mode=eval) also scores every split with sentences shuffled across examples.
   config.eval_shuffled_control = False
 
   config.log_every_steps = 50
   config.eval_every_epochs = 1
-  config.eval_every_steps = 0            # > 0 overrides eval_every_epochs.
-  config.profile_steps = 0               # > 0: one profiler window of this many steps (TensorBoard).
+  config.eval_every_steps = 0  # > 0 overrides eval_every_epochs.
+  config.profile_steps = 0  # > 0: one profiler window of this many steps (TensorBoard).
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
-  config.distributed = False             # Call jax.distributed.initialize() (multi-host).
+  config.distributed = False  # Call jax.distributed.initialize() (multi-host).
   return config

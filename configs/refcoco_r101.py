@@ -2,6 +2,7 @@
 
 RefCOCO+ uses the same settings on its own shards: add `--config.data.dataset=refcoco+`.
 """
+
 from configs import default
 
 

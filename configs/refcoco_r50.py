@@ -1,4 +1,5 @@
 """Ablation backbone: CLIP RN50 (blocks 3-4-6-3, embed_dim 1024) on RefCOCO at 480×480."""
+
 from configs import default
 
 

@@ -1,4 +1,5 @@
 """G-Ref (UMD split) with CLIP RN101: as RefCOCO but sentences up to L = 22 tokens (FCNet sec. 4.1)."""
+
 from configs import default
 
 

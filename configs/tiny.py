@@ -2,6 +2,7 @@
 
 The structure is the real one (every module and switch of the R101 model), only small.
 """
+
 from configs import default
 
 

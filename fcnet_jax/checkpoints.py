@@ -11,6 +11,7 @@ The two are separate managers because a `best_fn` manager with `max_to_keep` may
 resuming needs. Evaluation restores only the parameters and BatchNorm statistics of a saved train state (a
 partial restore): it needs no optimiser and no schedule.
 """
+
 import logging as std_logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -29,9 +30,11 @@ class Checkpoints:
   def __init__(self, workdir: str, keep: int = 1, *, read_only: bool = False):
     """Opens (and, unless `read_only`, creates) the managers; `keep` is how many latest steps stay."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
     self._ocp = ocp
     quiet_orbax_logging()
     self.workdir = workdir
+
     # Both managers save the same step numbers; with several processes their barriers are named after the step
     # directory, so each manager needs its own barrier prefix or the two saves of a step collide.
     def barriers(name: str):
@@ -41,12 +44,22 @@ class Checkpoints:
     # much but warns on every open; nothing here saves through a read-only instance.
     keep_latest, keep_best = (None, None) if read_only else (keep, 1)
     self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, LATEST_DIR), options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep_latest, create=not read_only, multiprocessing_options=barriers("latest")))
+      os.path.join(workdir, LATEST_DIR),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep_latest, create=not read_only, multiprocessing_options=barriers("latest")
+      ),
+    )
     self.best = ocp.CheckpointManager(
-        os.path.join(workdir, BEST_DIR), options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep_best, best_fn=lambda m: m["mIoU"], best_mode="max", create=not read_only,
-            keep_checkpoints_without_metrics=False, multiprocessing_options=barriers("best")))
+      os.path.join(workdir, BEST_DIR),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep_best,
+        best_fn=lambda m: m["mIoU"],
+        best_mode="max",
+        create=not read_only,
+        keep_checkpoints_without_metrics=False,
+        multiprocessing_options=barriers("best"),
+      ),
+    )
 
   def save_latest(self, step: int, state: Any):
     self.latest.save(step, args=self._ocp.args.StandardSave(state))
@@ -87,8 +100,9 @@ class Checkpoints:
     else:
       raise ValueError(f"checkpoint={checkpoint!r}: expected 'latest', 'best' or a step number")
     if step is None:
-      raise FileNotFoundError(f"no {spec} checkpoint in {self.workdir} ({self._describe()}); train first, or "
-                              "point the workdir at a run")
+      raise FileNotFoundError(
+        f"no {spec} checkpoint in {self.workdir} ({self._describe()}); train first, or point the workdir at a run"
+      )
     return manager, step
 
   def restore(self, target: Any, checkpoint: CheckpointSpec = "latest", *, partial: bool = False) -> Any:
@@ -103,8 +117,9 @@ class Checkpoints:
     manager, step = self.resolve(checkpoint)
     abstract = jax.tree.map(_abstract, target)
     if partial:
-      args = self._ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                          restore_args=self._ocp.checkpoint_utils.construct_restore_args(abstract))
+      args = self._ocp.args.PyTreeRestore(
+        item=abstract, partial_restore=True, restore_args=self._ocp.checkpoint_utils.construct_restore_args(abstract)
+      )
     else:
       args = self._ocp.args.StandardRestore(abstract)
     return manager.restore(step, args=args)

@@ -6,6 +6,7 @@ sizes. By default it reads the converted TFRecord shards of `config.data.tfrecor
 with `config.data.synthetic` and no `tfrecord_dir` it first generates the synthetic refer-format dataset and
 converts it with the real converter, into the workdir (once). Tests pass their own training stream.
 """
+
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Tuple
 
@@ -42,11 +43,18 @@ def prepare_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> s
   from input_pipeline import convert  # pylint: disable=g-import-not-at-top
   from input_pipeline import records  # pylint: disable=g-import-not-at-top
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
+
   d = config.data
   raw, shards = os.path.join(workdir, SYNTHETIC_RAW_DIR), os.path.join(workdir, SYNTHETIC_SHARDS_DIR)
   if not os.path.exists(os.path.join(shards, records.SUMMARY_FILE)):
-    synthetic.generate(raw, seed=d.synthetic_seed, num_train_images=d.synthetic_train_images,
-                       num_eval_images=d.synthetic_eval_images, dataset=d.dataset, split_by=d.split_by)
+    synthetic.generate(
+      raw,
+      seed=d.synthetic_seed,
+      num_train_images=d.synthetic_train_images,
+      num_eval_images=d.synthetic_eval_images,
+      dataset=d.dataset,
+      split_by=d.split_by,
+    )
     convert.convert(raw, os.path.join(raw, "images"), d.dataset, d.split_by, shards, num_workers=1)
   return shards
 
@@ -57,9 +65,14 @@ class DataSource:
   Attributes are read lazily: nothing touches the file system (or imports TensorFlow) until the loop asks.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str] = None, *,
-               train_iter_fn: Optional[Callable[[int], Iterator[Batch]]] = None,
-               split_sizes: Optional[Mapping[str, Mapping[str, int]]] = None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: Optional[str] = None,
+    *,
+    train_iter_fn: Optional[Callable[[int], Iterator[Batch]]] = None,
+    split_sizes: Optional[Mapping[str, Mapping[str, int]]] = None,
+  ):
     """`workdir` is where synthetic data goes (config.data.synthetic); tests replace the training stream.
 
     Args:
@@ -82,12 +95,15 @@ class DataSource:
       elif d.synthetic and self.workdir:
         self._tfrecord_dir = prepare_synthetic_data(self.config, self.workdir)
       else:
-        raise ValueError("config.data.tfrecord_dir is empty: point it at the output of `fcnet-convert` "
-                         "(input_pipeline.convert), or set config.data.synthetic for the embedded synthetic data")
+        raise ValueError(
+          "config.data.tfrecord_dir is empty: point it at the output of `fcnet-convert` "
+          "(input_pipeline.convert), or set config.data.synthetic for the embedded synthetic data"
+        )
     return self._tfrecord_dir
 
   def _pipeline(self):
     from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+
     return pipeline
 
   def split_sizes(self) -> Mapping[str, Mapping[str, int]]:
@@ -104,15 +120,30 @@ class DataSource:
       return self._train_iter_fn(start_step)
     c = self.config
     return self._pipeline().train_iterator(
-        self.tfrecord_dir, c.data.train_split, image_size=c.model.image_size,
-        context_length=c.model.context_length, batch_size=c.batch_size // jax.process_count(), seed=c.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        shuffle_buffer=c.data.shuffle_buffer, start_step=start_step)
+      self.tfrecord_dir,
+      c.data.train_split,
+      image_size=c.model.image_size,
+      context_length=c.model.context_length,
+      batch_size=c.batch_size // jax.process_count(),
+      seed=c.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      shuffle_buffer=c.data.shuffle_buffer,
+      start_step=start_step,
+      letterbox_mode=c.data.letterbox,
+    )
 
   def eval(self, split: str) -> Iterable[Batch]:
     """Every (ref, sentence) pair of `split` once, this process's part, padded to whole batches."""
     c = self.config
     return self._pipeline().eval_iterator(
-        self.tfrecord_dir, split, image_size=c.model.image_size, context_length=c.model.context_length,
-        batch_size=c.eval_batch_size // jax.process_count(), process_index=jax.process_index(),
-        process_count=jax.process_count(), canvas=c.data.eval_canvas)
+      self.tfrecord_dir,
+      split,
+      image_size=c.model.image_size,
+      context_length=c.model.context_length,
+      batch_size=c.eval_batch_size // jax.process_count(),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      canvas=c.data.eval_canvas,
+      letterbox_mode=c.data.letterbox,
+    )

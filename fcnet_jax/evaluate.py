@@ -13,6 +13,7 @@ The shuffled-sentence control (`config.eval_shuffled_control`): the final evalua
 that refers to a different object, reported as "<split>_shuffled_sentences". A model that reads the sentence
 drops towards chance there; one that segments the most salient object regardless does not.
 """
+
 import functools
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -25,6 +26,7 @@ import numpy as np
 from fcnet_jax import checkpoints as checkpoints_lib
 from fcnet_jax import data as data_lib
 from fcnet_jax import fileio
+from fcnet_jax import letterbox
 from fcnet_jax import metrics as metrics_lib
 from fcnet_jax import sharding
 from fcnet_jax.models import fcnet
@@ -34,7 +36,22 @@ Scores = Dict[str, float]
 NUM_OVERLAYS = 4  # Examples per split drawn into TensorBoard at each evaluation of a training run.
 SHUFFLED_SUFFIX = "_shuffled_sentences"
 SHUFFLE_SEED = 0
-TABLE_METRICS = ("mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9", "count")
+# The printed table (eval_<split>.json and TensorBoard have every metric of both protocols).
+TABLE_METRICS = (
+  "mIoU",
+  "oIoU",
+  "prec@0.5",
+  "prec@0.6",
+  "prec@0.7",
+  "prec@0.8",
+  "prec@0.9",
+  "cris/mIoU",
+  "cris/oIoU",
+  "cris/prec@0.5",
+  "cris/prec@0.7",
+  "cris/prec@0.9",
+  "count",
+)
 
 
 @flax.struct.dataclass
@@ -43,6 +60,7 @@ class InferenceState:
 
   `TrainState.for_inference()` makes one from a train state; `restore_for_inference` from a checkpoint.
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -61,23 +79,38 @@ def predict_step(state: InferenceState, batch: Batch, *, model: fcnet.FCNet) -> 
   return jax.nn.sigmoid(_logits(state, batch, model))
 
 
-def eval_step(state: InferenceState, batch: Batch, *, model: fcnet.FCNet, mask_threshold: float,
-              canvas: int) -> Tuple[metrics_lib.EvalMetrics, jax.Array]:
+def eval_step(
+  state: InferenceState,
+  batch: Batch,
+  *,
+  model: fcnet.FCNet,
+  mask_threshold: float,
+  canvas: int,
+  letterbox_mode: str = "integer",
+) -> Tuple[metrics_lib.EvalMetrics, jax.Array]:
   """Scores a batch in the original image frame (docs/data.md); padding examples (valid=False) are excluded.
 
   Returns the metrics of the batch and the B×S/4×S/4 probabilities (for overlays).
   """
   logits = _logits(state, batch, model)
-  outputs = metrics_lib.eval_step_outputs(logits, batch, mask_threshold, canvas, model.image_size)
+  outputs = metrics_lib.eval_step_outputs(logits, batch, mask_threshold, canvas, model.image_size, letterbox_mode)
   return metrics_lib.EvalMetrics.single_from_model_output(**outputs), jax.nn.sigmoid(logits)
 
 
 def jit_eval_step(config: ml_collections.ConfigDict, model: fcnet.FCNet, mesh: jax.sharding.Mesh):
   """`eval_step` with the config's threshold and canvas, jitted over `mesh`: batch sharded, state replicated."""
   replicated, data = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(functools.partial(eval_step, model=model, mask_threshold=config.mask_threshold,
-                                   canvas=config.data.eval_canvas),
-                 in_shardings=(replicated, data), out_shardings=(replicated, data))
+  return jax.jit(
+    functools.partial(
+      eval_step,
+      model=model,
+      mask_threshold=config.mask_threshold,
+      canvas=config.data.eval_canvas,
+      letterbox_mode=config.data.letterbox,
+    ),
+    in_shardings=(replicated, data),
+    out_shardings=(replicated, data),
+  )
 
 
 # ----------------------------------------------------------------------------------------------------- control
@@ -104,19 +137,20 @@ def shuffle_sentences(batch: Batch) -> Batch:
   return {**batch, "tokens": tokens[donors]}
 
 
-def make_overlays(batch: Batch, prob: np.ndarray, threshold: float, count: int) -> np.ndarray:
+def make_overlays(batch: Batch, prob: np.ndarray, threshold: float, count: int, mask_levels: int = 1) -> np.ndarray:
   """N×S×3S×3 float images in [0, 1]: the input | ground truth (green) | prediction (red), letterboxed frame."""
   images = np.asarray(batch["image"][:count], np.float32) / 255.0
   size = images.shape[1]
   factor = size // prob.shape[1]
   pred = np.repeat(np.repeat(np.asarray(prob[:count]) > threshold, factor, 1), factor, 2)
-  gt = np.asarray(batch["mask"][:count]) > 0
+  gt = 2 * np.asarray(batch["mask"][:count], np.int32) >= mask_levels  # 0/1 masks, or CRIS's levels at half.
 
   def tint(mask, colour):
     return images * 0.5 + 0.5 * np.where(mask[..., None], colour, images)
 
-  return np.concatenate([images, tint(gt, np.array([0.0, 1.0, 0.0])), tint(pred, np.array([1.0, 0.0, 0.0]))],
-                        axis=2).clip(0, 1)
+  return np.concatenate(
+    [images, tint(gt, np.array([0.0, 1.0, 0.0])), tint(pred, np.array([1.0, 0.0, 0.0]))], axis=2
+  ).clip(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------- splits
@@ -125,13 +159,15 @@ def make_overlays(batch: Batch, prob: np.ndarray, threshold: float, count: int) 
 class Evaluator:
   """The jitted evaluation of one configuration on one mesh, over the evaluation splits of a data source."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: fcnet.FCNet, mesh: jax.sharding.Mesh,
-               data: data_lib.DataSource):
+  def __init__(
+    self, config: ml_collections.ConfigDict, model: fcnet.FCNet, mesh: jax.sharding.Mesh, data: data_lib.DataSource
+  ):
     self.config, self.model, self.mesh, self.data = config, model, mesh, data
     self._eval_step = jit_eval_step(config, model, mesh)
 
-  def score(self, state: InferenceState, batches: Iterable[Batch], *, shuffled: bool = False,
-            num_overlays: int = 0) -> Tuple[Scores, Optional[np.ndarray]]:
+  def score(
+    self, state: InferenceState, batches: Iterable[Batch], *, shuffled: bool = False, num_overlays: int = 0
+  ) -> Tuple[Scores, Optional[np.ndarray]]:
     """Metrics over every batch (merged across devices and processes), and overlays of the first examples."""
     metrics, overlays = None, None
     with sharding.use_mesh(self.mesh):
@@ -142,13 +178,20 @@ class Evaluator:
         metrics = update if metrics is None else metrics.merge(update)
         if overlays is None and num_overlays:
           prob = multihost_utils.process_allgather(prob, tiled=True) if jax.process_count() > 1 else prob
-          overlays = make_overlays(batch, np.asarray(prob), self.config.mask_threshold, num_overlays)
+          overlays = make_overlays(
+            batch,
+            np.asarray(prob),
+            self.config.mask_threshold,
+            num_overlays,
+            letterbox.MASK_LEVELS[self.config.data.letterbox],
+          )
     if metrics is None:
       raise ValueError("the evaluation split yielded no batches")
     return metrics.compute(), overlays
 
-  def run(self, state: InferenceState, step: int, workdir: str, *, writer: Any = None,
-          final: bool = True) -> Dict[str, Scores]:
+  def run(
+    self, state: InferenceState, step: int, workdir: str, *, writer: Any = None, final: bool = True
+  ) -> Dict[str, Scores]:
     """Scores every split of config.data.eval_splits; writes `<workdir>/eval_<name>.json` (and TensorBoard).
 
     Args:
@@ -165,8 +208,9 @@ class Evaluator:
     """
     results = {}
     for split in self.config.data.eval_splits:
-      results[split], overlays = self.score(state, self.data.eval(split),
-                                            num_overlays=NUM_OVERLAYS if writer is not None else 0)
+      results[split], overlays = self.score(
+        state, self.data.eval(split), num_overlays=NUM_OVERLAYS if writer is not None else 0
+      )
       if writer is not None and overlays is not None:
         writer.write_images(step, {f"eval/{split}/image|ground_truth|prediction": overlays})
       if final and self.config.eval_shuffled_control:
@@ -193,13 +237,16 @@ def abstract_inference_state(model: fcnet.FCNet, mesh: jax.sharding.Mesh) -> Inf
   def place(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
 
-  return InferenceState(step=place(jax.ShapeDtypeStruct((), np.int32)),
-                        params=jax.tree.map(place, variables["params"]),
-                        batch_stats=jax.tree.map(place, variables.get("batch_stats", {})))
+  return InferenceState(
+    step=place(jax.ShapeDtypeStruct((), np.int32)),
+    params=jax.tree.map(place, variables["params"]),
+    batch_stats=jax.tree.map(place, variables.get("batch_stats", {})),
+  )
 
 
-def restore_for_inference(model: fcnet.FCNet, mesh: jax.sharding.Mesh, workdir: str,
-                          checkpoint: checkpoints_lib.CheckpointSpec = "latest") -> InferenceState:
+def restore_for_inference(
+  model: fcnet.FCNet, mesh: jax.sharding.Mesh, workdir: str, checkpoint: checkpoints_lib.CheckpointSpec = "latest"
+) -> InferenceState:
   """The step, parameters and BatchNorm statistics of a saved train state, replicated over `mesh`.
 
   Only those are read (the optimiser's moments and the dropout key stay on disk): evaluation needs no optimiser
@@ -214,9 +261,13 @@ def restore_for_inference(model: fcnet.FCNet, mesh: jax.sharding.Mesh, workdir: 
   return flax.serialization.from_state_dict(target, restored)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-             checkpoint: checkpoints_lib.CheckpointSpec = "latest",
-             data: Optional[data_lib.DataSource] = None) -> Dict[str, Scores]:
+def evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  checkpoint: checkpoints_lib.CheckpointSpec = "latest",
+  data: Optional[data_lib.DataSource] = None,
+) -> Dict[str, Scores]:
   """`--mode=eval`: restores a checkpoint of `workdir` and scores config.data.eval_splits (`Evaluator.run`).
 
   Writes `<workdir>/eval_<name>.json` (every metric, the step and the number of (ref, sentence) pairs scored),
@@ -231,10 +282,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
-  """The metrics of every evaluated split as a fixed-width text table (percentages; count as an integer)."""
+  """Every evaluated split as a fixed-width text table (percentages; count as an integer): our protocol's
+  metrics, then CRIS's ("cris/…", the protocol of the CRIS and FCNet papers' tables; docs/data.md)."""
+  names = [n for n in TABLE_METRICS if all(n in scores for scores in results.values())]
   width = max([28] + [len(name) + 2 for name in results])
-  lines = [f"{'split':<{width}}" + "".join(f"{n:>10}" for n in TABLE_METRICS)]
+  lines = [f"{'split':<{width}}" + "".join(f"{n:>14}" for n in names)]
   for name, scores in results.items():
-    lines.append(f"{name:<{width}}" + "".join(
-        f"{int(scores[n]):>10d}" if n == "count" else f"{100 * scores[n]:>10.2f}" for n in TABLE_METRICS))
+    lines.append(
+      f"{name:<{width}}"
+      + "".join(f"{int(scores[n]):>14d}" if n == "count" else f"{100 * scores[n]:>14.2f}" for n in names)
+    )
   return "\n".join(lines)

@@ -3,14 +3,15 @@
 Every file this project writes for later reading (JSON results, the resolved config, converted shards, the
 converter's summary, benchmark reports) goes through `atomic_write`: the bytes go to a temporary name beside the
 target, which is then renamed over it. A job killed mid-write leaves the old file (or none), never a torn one.
-Directories are built the same way (`atomic_output(..., directory=True)`). Paths go through `etils.epath`, which also serves
-remote file systems (gs://…) where a backend for them is installed; there a "rename" is a copy and a delete,
-still never a partial target.
+Directories are built the same way (`atomic_output(..., directory=True)`). Paths go through `etils.epath`, which
+also serves remote file systems (gs://…) where a backend for them is installed; there a "rename" is a copy and a
+delete, still never a partial target.
 """
+
 import contextlib
 import json
-import uuid
 from typing import Any, Iterator, Mapping, Union
+import uuid
 
 from etils import epath
 

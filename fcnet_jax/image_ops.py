@@ -13,6 +13,7 @@ relation. The block-centre relation r·i + r/2 (what `jax.image.scale_and_transl
 area-averaged targets) would be wrong for these targets: 1.5 canvas pixels off for r = 4, about 2 original pixels
 for a 640-pixel side at S = 480, which costs ~1–2 IoU points on mid-sized objects.
 """
+
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
@@ -54,8 +55,9 @@ def downsample_mask(mask: jax.Array, out_hw: Sequence[int]) -> jax.Array:
   return mask[:, rows][:, :, cols]
 
 
-def _axis_taps(out_size: int, pred_size: int, image_size: int, start: jax.Array, resized: jax.Array,
-               original: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+def _axis_taps(
+  out_size: int, pred_size: int, image_size: int, start: jax.Array, resized: jax.Array, original: jax.Array
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Bilinear taps along one axis: original pixel k → prediction indices (i0, i1) and the weight of i1.
 
   Scalars `start` (top or left), `resized` (nh or nw) and `original` (h or w) are traced per example.
@@ -82,8 +84,9 @@ def _axis_taps(out_size: int, pred_size: int, image_size: int, start: jax.Array,
   return i0, i0 + 1, index - i0.astype(jnp.float32)
 
 
-def inverse_letterbox(prob: jax.Array, resized_hw: jax.Array, offset: jax.Array, orig_hw: jax.Array,
-                      canvas: int, image_size: int) -> jax.Array:
+def inverse_letterbox(
+  prob: jax.Array, resized_hw: jax.Array, offset: jax.Array, orig_hw: jax.Array, canvas: int, image_size: int
+) -> jax.Array:
   """Maps B×P×P predictions back to the original image frame: B×K×K, the image at the top-left.
 
   Bilinear interpolation (no antialiasing) of the inverse letterbox map, per example with traced sizes, so it
@@ -106,8 +109,9 @@ def inverse_letterbox(prob: jax.Array, resized_hw: jax.Array, offset: jax.Array,
     raise ValueError(f"inverse_letterbox expects B×P×P predictions, got shape {prob.shape}")
   pred_size = prob.shape[1]
   if image_size % pred_size:
-    raise ValueError(f"image_size={image_size} (config.model.image_size) is not a multiple of the prediction "
-                     f"size {pred_size}")
+    raise ValueError(
+      f"image_size={image_size} (config.model.image_size) is not a multiple of the prediction size {pred_size}"
+    )
 
   def one_example(prob_e, resized_e, offset_e, orig_e):
     r0, r1, rw = _axis_taps(canvas, pred_size, image_size, offset_e[0], resized_e[0], orig_e[0])
@@ -126,8 +130,9 @@ def valid_region(orig_hw: jax.Array, canvas: int) -> jax.Array:
   return rows[:, :, None] & cols[:, None, :]
 
 
-def batch_iou_terms(prob: jax.Array, target: jax.Array, threshold: float,
-                    region: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+def batch_iou_terms(
+  prob: jax.Array, target: jax.Array, threshold: float, region: Optional[jax.Array] = None
+) -> Tuple[jax.Array, jax.Array]:
   """Per-example intersection and union pixel counts of `prob > threshold` (strict, CRIS) and `target`.
 
   Args:

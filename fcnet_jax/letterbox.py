@@ -21,6 +21,7 @@ are written here as per-axis taps (index, weight, valid) that reproduce the two 
 Every function takes `xp` (numpy or jax.numpy), so the input pipeline and the jitted evaluation share one
 definition of the geometry.
 """
+
 from typing import Any, Tuple
 
 import numpy as np
@@ -62,8 +63,7 @@ def cubic_coefficients(t: Any, xp: Any = np) -> Any:
   return xp.stack([w0, w1, w2, 1.0 - w0 - w1 - w2], axis=-1)
 
 
-def warp_taps(out_size: int, src_size: Any, slope: Any, offset: Any, kind: str,
-              xp: Any = np) -> Tuple[Any, Any, Any]:
+def warp_taps(out_size: int, src_size: Any, slope: Any, offset: Any, kind: str, xp: Any = np) -> Tuple[Any, Any, Any]:
   """OpenCV warpAffine's taps along one axis: output index i reads source coordinate slope·i + offset.
 
   Returns (index, weight, valid), each out_size × n (n = 4 for "cubic", 2 for "linear"); `valid` is False for
@@ -108,8 +108,9 @@ def torch_bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
   return matrix.astype(np.float32)
 
 
-def _warp_separable(image: np.ndarray, rows: Tuple[Any, Any, Any], cols: Tuple[Any, Any, Any],
-                    border: np.ndarray) -> np.ndarray:
+def _warp_separable(
+  image: np.ndarray, rows: Tuple[Any, Any, Any], cols: Tuple[Any, Any, Any], border: np.ndarray
+) -> np.ndarray:
   """Σ_ij w_i w_j v(y_i, x_j) with v = border outside the source: rows first, then columns (float64)."""
   (r_index, r_weight, r_valid), (c_index, c_weight, c_valid) = rows, cols
   image = image.astype(np.float64)
@@ -120,8 +121,9 @@ def _warp_separable(image: np.ndarray, rows: Tuple[Any, Any, Any], cols: Tuple[A
   return np.einsum("wn,hwnc->hwc", c_weight.astype(np.float64), taps)
 
 
-def cris_letterbox(image: np.ndarray, mask: np.ndarray, size: int,
-                   mean_rgb: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
+def cris_letterbox(
+  image: np.ndarray, mask: np.ndarray, size: int, mean_rgb: Tuple[int, int, int]
+) -> Tuple[np.ndarray, np.ndarray]:
   """CRIS's preprocessing of one example on the host: (S×S×3 uint8 image, S×S uint8 mask levels 0…255).
 
   The image as `cv2.warpAffine(image, M, (S, S), INTER_CUBIC, borderValue=mean)`, the 0/1 mask as
@@ -132,10 +134,15 @@ def cris_letterbox(image: np.ndarray, mask: np.ndarray, size: int,
   scale, bias_y, bias_x = (float(v) for v in cris_affine(height, width, size))
   # OpenCV inverts the forward map: canvas index i reads original coordinate (i − bias) / scale.
   axis = lambda src, bias, kind: warp_taps(size, src, 1.0 / scale, -bias / scale, kind)
-  warped = _warp_separable(image, axis(height, bias_y, "cubic"), axis(width, bias_x, "cubic"),
-                           np.asarray(mean_rgb, np.float64))
-  soft = _warp_separable(np.asarray(mask, np.float64)[..., None] * 255.0, axis(height, bias_y, "linear"),
-                         axis(width, bias_x, "linear"), np.zeros(1))
+  warped = _warp_separable(
+    image, axis(height, bias_y, "cubic"), axis(width, bias_x, "cubic"), np.asarray(mean_rgb, np.float64)
+  )
+  soft = _warp_separable(
+    np.asarray(mask, np.float64)[..., None] * 255.0,
+    axis(height, bias_y, "linear"),
+    axis(width, bias_x, "linear"),
+    np.zeros(1),
+  )
   image_out = np.clip(np.round(warped), 0, 255).astype(np.uint8)
   return image_out, np.clip(np.round(soft[..., 0]), 0, 255).astype(np.uint8)
 
@@ -150,6 +157,7 @@ def cris_inverse(prob: Any, orig_hw: Any, canvas: int, image_size: int) -> Any:
   """
   import jax  # pylint: disable=g-import-not-at-top  (the host-side functions above need only NumPy)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   pred_size = prob.shape[1]
   upsample = jnp.asarray(torch_bicubic_matrix(image_size, pred_size))  # S×P
   highest = jax.lax.Precision.HIGHEST

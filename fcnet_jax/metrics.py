@@ -11,13 +11,14 @@ batch); `gather_from_model_output` is for `pmap`/`shard_map` with a named batch 
 
 `clu.metrics.Std` is not used: it is broken on current jax.
 """
+
 from typing import Any, Dict, Mapping, Optional
 
+from clu import metrics as clu_metrics
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metrics as clu_metrics
 
 from fcnet_jax import image_ops
 from fcnet_jax import letterbox
@@ -46,7 +47,6 @@ def _mean_of(name: str) -> type:
 
   @flax.struct.dataclass
   class MeanOf(clu_metrics.Average):
-
     @classmethod
     def from_model_output(cls, **model_output):
       values = jnp.asarray(model_output[name], jnp.float32)
@@ -61,7 +61,6 @@ def _precision_at(threshold: float, name: str = "iou") -> type:
 
   @flax.struct.dataclass
   class PrecisionAt(clu_metrics.Average):
-
     @classmethod
     def from_model_output(cls, **model_output):
       hits = (jnp.asarray(model_output[name]) > threshold).astype(jnp.float32)
@@ -87,6 +86,7 @@ class OverallIoU(clu_metrics.Metric):
   int32 alone cannot past 2^31 pixels (~5000 full 640×640 masks). Reads model outputs `intersection`, `union`
   (B int32) and the optional "mask" (B bool, False = padding example).
   """
+
   intersection_high: jax.Array
   intersection_low: jax.Array
   union_high: jax.Array
@@ -117,15 +117,16 @@ class OverallIoU(clu_metrics.Metric):
       carry, low = _split_count(low_a + low_b)
       return high_a + high_b + carry, low
 
-    intersection = add(self.intersection_high, self.intersection_low, other.intersection_high,
-                       other.intersection_low)
+    intersection = add(self.intersection_high, self.intersection_low, other.intersection_high, other.intersection_low)
     union = add(self.union_high, self.union_low, other.union_high, other.union_low)
     return type(self)(*intersection, *union)
 
   def totals(self) -> Dict[str, int]:
     """The exact pixel sums as Python ints (host side)."""
-    return {"intersection": _join_count(self.intersection_high, self.intersection_low),
-            "union": _join_count(self.union_high, self.union_low)}
+    return {
+      "intersection": _join_count(self.intersection_high, self.intersection_low),
+      "union": _join_count(self.union_high, self.union_low),
+    }
 
   def compute(self) -> float:
     """Host side. An empty total union (every prediction and mask empty) gives 1, like a per-sample IoU."""
@@ -136,6 +137,7 @@ class OverallIoU(clu_metrics.Metric):
 @flax.struct.dataclass
 class CrisOverallIoU(OverallIoU):
   """oIoU of the CRIS-protocol maps (`cris_intersection`, `cris_union`)."""
+
   intersection_name = "cris_intersection"
   union_name = "cris_union"
 
@@ -143,6 +145,7 @@ class CrisOverallIoU(OverallIoU):
 @flax.struct.dataclass
 class Count(clu_metrics.Metric):
   """The number of scored examples (those whose "mask" is True)."""
+
   count: jax.Array
 
   @classmethod
@@ -170,6 +173,7 @@ def _as_floats(values: Mapping[str, Any]) -> Dict[str, float]:
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   """Loss, mean per-sample IoU and Prec@0.5 at H/4 against the training target (`train_step_outputs`)."""
+
   loss: _mean_of("loss")
   iou: _mean_of("iou")
   prec_50: _precision_at(0.5)
@@ -183,6 +187,7 @@ class TrainMetrics(clu_metrics.Collection):
 @flax.struct.dataclass
 class EvalMetrics(clu_metrics.Collection):
   """Both protocols' metrics in the original image frame (`eval_step_outputs`); padding examples excluded."""
+
   miou: _mean_of("iou")
   oiou: OverallIoU
   prec_50: _precision_at(0.5)
@@ -217,8 +222,7 @@ class EvalMetrics(clu_metrics.Collection):
     return _as_floats(result)
 
 
-def train_step_outputs(logits: jax.Array, target: jax.Array, loss: jax.Array,
-                       threshold: float) -> Dict[str, jax.Array]:
+def train_step_outputs(logits: jax.Array, target: jax.Array, loss: jax.Array, threshold: float) -> Dict[str, jax.Array]:
   """The model outputs `TrainMetrics` consumes, at H/4 (pure, jit-friendly).
 
   Args:
@@ -231,13 +235,18 @@ def train_step_outputs(logits: jax.Array, target: jax.Array, loss: jax.Array,
     {"loss": scalar, "iou": B float32}.
   """
   logits = _squeeze_channel(logits)
-  intersection, union = image_ops.batch_iou_terms(jax.nn.sigmoid(logits.astype(jnp.float32)), target,
-                                                  threshold)
+  intersection, union = image_ops.batch_iou_terms(jax.nn.sigmoid(logits.astype(jnp.float32)), target, threshold)
   return {"loss": jnp.asarray(loss, jnp.float32), "iou": per_sample_iou(intersection, union)}
 
 
-def eval_step_outputs(logits: jax.Array, batch: Mapping[str, jax.Array], threshold: float, canvas: int,
-                      image_size: int, letterbox_mode: str = "integer") -> Dict[str, jax.Array]:
+def eval_step_outputs(
+  logits: jax.Array,
+  batch: Mapping[str, jax.Array],
+  threshold: float,
+  canvas: int,
+  image_size: int,
+  letterbox_mode: str = "integer",
+) -> Dict[str, jax.Array]:
   """The model outputs `EvalMetrics` consumes, scored in the ORIGINAL image frame under both protocols.
 
   Ours: sigmoid → `image_ops.inverse_letterbox` (one bilinear map, the geometry of the letterbox the batch was
@@ -265,8 +274,9 @@ def eval_step_outputs(logits: jax.Array, batch: Mapping[str, jax.Array], thresho
     raise KeyError(f"eval batch lacks field(s) {missing}; it has {sorted(batch)}")
   orig_mask = batch["orig_mask"]
   if orig_mask.ndim != 3 or orig_mask.shape[1:] != (canvas, canvas):
-    raise ValueError(f"batch['orig_mask'] has shape {orig_mask.shape}, expected B×{canvas}×{canvas} "
-                     "(config.data.eval_canvas)")
+    raise ValueError(
+      f"batch['orig_mask'] has shape {orig_mask.shape}, expected B×{canvas}×{canvas} (config.data.eval_canvas)"
+    )
   prob = jax.nn.sigmoid(_squeeze_channel(logits).astype(jnp.float32))
   orig_hw = batch["orig_hw"]
   if letterbox.check_mode(letterbox_mode) == "cris":
@@ -286,9 +296,15 @@ def eval_step_outputs(logits: jax.Array, batch: Mapping[str, jax.Array], thresho
   cris_iou = jnp.where(cris_union > 0, cris_intersection / jnp.maximum(cris_union, 1).astype(jnp.float32), 0.0)
   valid = batch.get("valid")
   mask = jnp.ones(intersection.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
-  return {"intersection": intersection, "union": union, "iou": per_sample_iou(intersection, union),
-          "cris_intersection": cris_intersection, "cris_union": cris_union,
-          "cris_iou": cris_iou.astype(jnp.float32), "mask": mask}
+  return {
+    "intersection": intersection,
+    "union": union,
+    "iou": per_sample_iou(intersection, union),
+    "cris_intersection": cris_intersection,
+    "cris_union": cris_union,
+    "cris_iou": cris_iou.astype(jnp.float32),
+    "mask": mask,
+  }
 
 
 def _squeeze_channel(logits: jax.Array) -> jax.Array:

@@ -3,6 +3,7 @@
 The batch is sharded over the "data" axis; parameters, optimiser state and BatchNorm statistics are replicated.
 Under jit, BatchNorm's batch statistics are therefore global across devices (XLA inserts the all-reduce).
 """
+
 from typing import Any, Mapping
 
 import jax
@@ -43,8 +44,10 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> Mapping[s
     if value.dtype.kind in "US":  # strings never reach the device
       continue
     if value.shape[0] % local_devices:
-      raise ValueError(f"batch field {name!r}: per-process batch {value.shape[0]} is not divisible by the "
-                       f"{local_devices} local devices (config.batch_size / config.eval_batch_size)")
+      raise ValueError(
+        f"batch field {name!r}: per-process batch {value.shape[0]} is not divisible by the "
+        f"{local_devices} local devices (config.batch_size / config.eval_batch_size)"
+      )
     out[name] = jax.make_array_from_process_local_data(sharding, value)
   return out
 

@@ -22,6 +22,7 @@ Known, documented differences from the reference (none occurs in English referri
     neither letter nor digit, whereas a recent `regex` package (the reference's) knows newer Unicode. For
     every code point Unicode 14 assigns, the pre-tokenization was checked equal to the reference's.
 """
+
 import functools
 import gzip
 import html
@@ -53,8 +54,7 @@ def bytes_to_unicode() -> Dict[int, str]:
   Printable Latin-1 bytes map to themselves; the remaining 68 bytes (controls, space, NBSP, soft hyphen) map
   to U+0100 onwards in byte order. The dict's order is the order of vocabulary ids 0..255.
   """
-  printable = ([*range(ord("!"), ord("~") + 1)] + [*range(ord("¡"), ord("¬") + 1)]
-               + [*range(ord("®"), ord("ÿ") + 1)])
+  printable = [*range(ord("!"), ord("~") + 1)] + [*range(ord("¡"), ord("¬") + 1)] + [*range(ord("®"), ord("ÿ") + 1)]
   mapping = {b: chr(b) for b in printable}
   others = [b for b in range(256) if b not in mapping]
   mapping.update({b: chr(256 + i) for i, b in enumerate(others)})
@@ -66,10 +66,12 @@ def _read_merges() -> List[Tuple[str, str]]:
   resource = importlib.resources.files("fcnet_jax").joinpath(VOCAB_RESOURCE)
   with resource.open("rb") as f:
     lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
-  merges = [tuple(line.split()) for line in lines[1:1 + NUM_MERGES]]
+  merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]
   if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
-    raise ValueError(f"fcnet_jax/{VOCAB_RESOURCE}: expected {NUM_MERGES} merge lines of two symbols after "
-                     "the header; the vocabulary file is truncated or not CLIP's")
+    raise ValueError(
+      f"fcnet_jax/{VOCAB_RESOURCE}: expected {NUM_MERGES} merge lines of two symbols after "
+      "the header; the vocabulary file is truncated or not CLIP's"
+    )
   return merges
 
 
@@ -80,13 +82,12 @@ def clip_vocabulary(merges: Sequence[Tuple[str, str]]) -> Dict[str, int]:
   tokens += ["<|startoftext|>", "<|endoftext|>"]
   vocab = {token: i for i, token in enumerate(tokens)}
   if len(vocab) != VOCAB_SIZE or vocab["<|endoftext|>"] != EOT_TOKEN:
-    raise ValueError(f"fcnet_jax/{VOCAB_RESOURCE}: built {len(vocab)} distinct tokens, expected CLIP's "
-                     f"{VOCAB_SIZE}")
+    raise ValueError(f"fcnet_jax/{VOCAB_RESOURCE}: built {len(vocab)} distinct tokens, expected CLIP's {VOCAB_SIZE}")
   return vocab
 
 
 @functools.lru_cache(maxsize=1)
-def clip_bpe() -> "tokenizers.Tokenizer":
+def clip_bpe() -> "tokenizers.Tokenizer":  # noqa: F821 (imported inside: optional at import time)
   """The `tokenizers` pipeline of steps 2-3 (pre-tokenization + BPE); cleaning happens in `clean_text`.
 
   Built once per process (~0.3 s) and shared; it is never mutated (no padding/truncation state), so sharing
@@ -95,15 +96,26 @@ def clip_bpe() -> "tokenizers.Tokenizer":
   # Imported here so that the token-id constants above load without the tokenizer libraries (the GPU benchmark
   # machine, the input pipeline's readers).
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders  # pylint: disable=g-import-not-at-top
+  from tokenizers import models  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+
   merges = _read_merges()
-  bpe = models.BPE(vocab=clip_vocabulary(merges), merges=merges, end_of_word_suffix="</w>",
-                   continuing_subword_prefix="", fuse_unk=False, ignore_merges=False)
+  bpe = models.BPE(
+    vocab=clip_vocabulary(merges),
+    merges=merges,
+    end_of_word_suffix="</w>",
+    continuing_subword_prefix="",
+    fuse_unk=False,
+    ignore_merges=False,
+  )
   tokenizer = tokenizers.Tokenizer(bpe)
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       pre_tokenizers.Split(tokenizers.Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-  ])
+    ]
+  )
   tokenizer.decoder = decoders.ByteLevel()
   return tokenizer
 
@@ -114,6 +126,7 @@ def clean_text(text: str) -> str:
   # nothing for ftfy or html.unescape to change, so skip them there.
   if not (text.isascii() and text.isprintable() and "&" not in text):
     import ftfy  # pylint: disable=g-import-not-at-top
+
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
   text = " ".join(text.split()).lower()  # str.split(): every unicode whitespace run, as the reference.
   return text.replace(_DROPPED_LIKE_SPACE, " ")
@@ -139,8 +152,7 @@ def encode(text: str) -> List[int]:
   return encode_batch([_check_text(text, "text")])[0]
 
 
-def tokenize(texts: Union[str, Sequence[str]],
-             context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
   """CLIP's `tokenize(texts, context_length, truncate=True)` as NumPy.
 
   Args:
@@ -154,19 +166,21 @@ def tokenize(texts: Union[str, Sequence[str]],
   if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)):
     raise TypeError(f"fcnet_jax.tokenizer.tokenize: context_length must be an int, got {context_length!r}")
   if context_length < 2:
-    raise ValueError(f"fcnet_jax.tokenizer.tokenize: context_length must be >= 2 to hold [SOS] and [EOS], "
-                     f"got {context_length}")
+    raise ValueError(
+      f"fcnet_jax.tokenizer.tokenize: context_length must be >= 2 to hold [SOS] and [EOS], got {context_length}"
+    )
   if isinstance(texts, str):
     texts = [texts]
   elif isinstance(texts, bytes) or not isinstance(texts, (Sequence, np.ndarray)):
-    raise TypeError("fcnet_jax.tokenizer.tokenize: texts must be a str or a sequence of str, got "
-                    f"{type(texts).__name__}")
+    raise TypeError(
+      f"fcnet_jax.tokenizer.tokenize: texts must be a str or a sequence of str, got {type(texts).__name__}"
+    )
   ids = encode_batch(list(texts))
   out = np.full((len(ids), context_length), PAD_TOKEN, dtype=np.int32)
   for row, tokens in zip(out, ids):
-    body = tokens[:context_length - 2]
+    body = tokens[: context_length - 2]
     row[0] = SOT_TOKEN
-    row[1:len(body) + 1] = body
+    row[1 : len(body) + 1] = body
     row[len(body) + 1] = EOT_TOKEN
   return out
 

@@ -6,6 +6,7 @@ the latest checkpoint, train, evaluate periodically (`fcnet_jax.evaluate`), keep
 (`fcnet_jax.checkpoints`). Batches come from a `fcnet_jax.data.DataSource` as host-local NumPy dicts, so this
 module imports without TensorFlow.
 """
+
 import functools
 import re
 import time
@@ -15,6 +16,7 @@ from absl import logging
 import flax
 from flax.training import train_state as flax_train_state
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -22,6 +24,7 @@ from fcnet_jax import checkpoints as checkpoints_lib
 from fcnet_jax import data as data_lib
 from fcnet_jax import evaluate as evaluate_lib
 from fcnet_jax import image_ops
+from fcnet_jax import letterbox
 from fcnet_jax import metrics as metrics_lib
 from fcnet_jax import sharding
 from fcnet_jax.models import fcnet
@@ -34,6 +37,7 @@ PROFILE_WARMUP_STEPS = 10  # The profiler window opens after these steps (compil
 
 class TrainState(flax_train_state.TrainState):
   """Params, optimiser state, BatchNorm statistics and the dropout key (all replicated)."""
+
   batch_stats: Any
   dropout_rng: jax.Array
 
@@ -49,8 +53,9 @@ class TrainState(flax_train_state.TrainState):
 # ----------------------------------------------------------------------------------------------------- schedule
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                            total_steps: int) -> optax.Schedule:
+def create_learning_rate_fn(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
   """The base learning rate over steps.
 
   "piecewise" (the paper): constant `learning_rate`, × `lr_decay_factor` at each epoch in `lr_decay_epochs`.
@@ -62,8 +67,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     boundaries = {int(epoch * steps_per_epoch): config.lr_decay_factor for epoch in config.lr_decay_epochs}
     schedule = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
   elif config.lr_schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1),
-                                                  max(total_steps, config.warmup_steps + 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, max(config.warmup_steps, 1), max(total_steps, config.warmup_steps + 1)
+    )
   else:
     raise ValueError(f"config.lr_schedule={config.lr_schedule!r}; expected 'piecewise' or 'cosine'")
   if config.lr_schedule == "piecewise" and config.warmup_steps:
@@ -71,8 +77,7 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     # join_schedules hands the second schedule the steps since the join; shift them back so that the decay
     # boundaries stay at their absolute steps (epoch × steps_per_epoch).
     piecewise = schedule
-    schedule = optax.join_schedules([warmup, lambda step: piecewise(step + config.warmup_steps)],
-                                    [config.warmup_steps])
+    schedule = optax.join_schedules([warmup, lambda step: piecewise(step + config.warmup_steps)], [config.warmup_steps])
   return schedule
 
 
@@ -91,12 +96,14 @@ def parameter_labels(params: Any, encoder_regex: str) -> Any:
   return flax.traverse_util.unflatten_dict(labels, sep="/")
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
   """Adam (AdamW when weight_decay > 0); the encoders matching `encoder_lr_regex` train at lr × lr_multi (CRIS).
 
   With `grad_clip_norm` > 0 the gradients are first clipped to that global norm (over all parameters).
   """
+
   def adam(multiplier):
     def lr(step):
       return learning_rate_fn(step) * multiplier
@@ -104,8 +111,11 @@ def create_optimizer(config: ml_collections.ConfigDict,
     if config.weight_decay:
       return optax.adamw(lr, weight_decay=config.weight_decay)
     return optax.adam(lr)
-  tx = optax.multi_transform({"encoder": adam(config.lr_multi), "head": adam(1.0)},
-                             functools.partial(parameter_labels, encoder_regex=config.encoder_lr_regex))
+
+  tx = optax.multi_transform(
+    {"encoder": adam(config.lr_multi), "head": adam(1.0)},
+    functools.partial(parameter_labels, encoder_regex=config.encoder_lr_regex),
+  )
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx
@@ -114,8 +124,9 @@ def create_optimizer(config: ml_collections.ConfigDict,
 # ----------------------------------------------------------------------------------------------------- state
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: fcnet.FCNet, rng: jax.Array,
-                       tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(
+  config: ml_collections.ConfigDict, model: fcnet.FCNet, rng: jax.Array, tx: optax.GradientTransformation
+) -> TrainState:
   """Fresh variables (fp32) for `model`, the optimiser state and a dropout key (host-local).
 
   With `config.init_from`, the converted CLIP encoders (`fcnet_jax.tools.convert_clip`) replace the fresh
@@ -126,23 +137,32 @@ def create_train_state(config: ml_collections.ConfigDict, model: fcnet.FCNet, rn
   def init(rng):
     init_rng, dropout_rng = jax.random.split(rng)
     variables = model.init(init_rng, images, tokens, train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
+    return TrainState.create(
+      apply_fn=model.apply,
+      params=variables["params"],
+      tx=tx,
+      batch_stats=variables.get("batch_stats", {}),
+      dropout_rng=dropout_rng,
+    )
 
   # One compiled program: the optimiser's zero moments, built eagerly, would compile one small kernel per shape.
   state = jax.jit(init)(rng)
   if config.init_from:
     from fcnet_jax.weights import clip  # pylint: disable=g-import-not-at-top
-    variables, report = clip.load_pretrained({"params": state.params, "batch_stats": state.batch_stats},
-                                             clip.restore_converted(config.init_from))
+
+    variables, report = clip.load_pretrained(
+      {"params": state.params, "batch_stats": state.batch_stats}, clip.restore_converted(config.init_from)
+    )
     logging.info("Loaded %s:\n%s", config.init_from, report)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                          opt_state=tx.init(variables["params"]))
+    state = state.replace(
+      params=variables["params"], batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])
+    )
   return state
 
 
-def initial_state(config: ml_collections.ConfigDict, model: fcnet.FCNet, tx: optax.GradientTransformation,
-                  mesh: jax.sharding.Mesh) -> TrainState:
+def initial_state(
+  config: ml_collections.ConfigDict, model: fcnet.FCNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> TrainState:
   """`create_train_state` from `config.seed`, replicated over every device of `mesh`."""
   # The rbg PRNG: the jitted init of a full FCNet compiles ~4× faster than with threefry on the CPU.
   rng = jax.random.key(config.seed, impl="rbg")
@@ -152,24 +172,43 @@ def initial_state(config: ml_collections.ConfigDict, model: fcnet.FCNet, tx: opt
 # ----------------------------------------------------------------------------------------------------- step
 
 
-def train_step(state: TrainState, batch: Batch, *, model: fcnet.FCNet, mask_threshold: float,
-               dice_weight: float = 0.0) -> Tuple[TrainState, metrics_lib.TrainMetrics]:
-  """One optimisation step on a (globally sharded) batch: BCE at H/4 (sec. 3.4; + Dice by config), Adam."""
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  model: fcnet.FCNet,
+  mask_threshold: float,
+  dice_weight: float = 0.0,
+  mask_levels: int = 1,
+) -> Tuple[TrainState, metrics_lib.TrainMetrics]:
+  """One optimisation step on a (globally sharded) batch: BCE at H/4 (sec. 3.4; + Dice by config), Adam.
+
+  The target is the letterboxed mask at H/4 divided by `mask_levels` (`letterbox.MASK_LEVELS`: 1 for our 0/1
+  masks, 255 for CRIS's soft masks).
+  """
   images, tokens = model_inputs(batch, fcnet.DTYPES[model.dtype])
   pred_size = model.image_size // 4
   target = image_ops.downsample_mask(batch["mask"], (pred_size, pred_size))
+  if mask_levels != 1:
+    target = target.astype(jnp.float32) / mask_levels
   weights = batch.get("valid")
   # A per-step key: resuming at step n reproduces the dropout masks of an uninterrupted run.
   dropout_rng = jax.random.fold_in(state.dropout_rng, state.step)
 
   def loss_fn(params):
-    logits, new_model_state = model.apply({"params": params, "batch_stats": state.batch_stats}, images, tokens,
-                                          train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+    logits, new_model_state = model.apply(
+      {"params": params, "batch_stats": state.batch_stats},
+      images,
+      tokens,
+      train=True,
+      rngs={"dropout": dropout_rng},
+      mutable=["batch_stats"],
+    )
     return mask_head.mask_loss(logits, target, weights, dice_weight), (logits, new_model_state)
 
   (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=new_model_state["batch_stats"])
-  outputs = metrics_lib.train_step_outputs(logits, target, loss, mask_threshold)
+  outputs = metrics_lib.train_step_outputs(logits, target if mask_levels == 1 else target >= 0.5, loss, mask_threshold)
   if weights is not None:
     outputs["mask"] = weights
   return state, metrics_lib.TrainMetrics.single_from_model_output(**outputs)
@@ -181,9 +220,18 @@ def jit_train_step(config: ml_collections.ConfigDict, model: fcnet.FCNet, mesh: 
   The one definition of the step that the loop runs and `fcnet_jax.tools.benchmark` times.
   """
   replicated, data = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(functools.partial(train_step, model=model, mask_threshold=config.mask_threshold,
-                                   dice_weight=config.dice_weight),
-                 in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return jax.jit(
+    functools.partial(
+      train_step,
+      model=model,
+      mask_threshold=config.mask_threshold,
+      dice_weight=config.dice_weight,
+      mask_levels=letterbox.MASK_LEVELS[letterbox.check_mode(config.data.letterbox)],
+    ),
+    in_shardings=(replicated, data),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
 
 
 # ----------------------------------------------------------------------------------------------------- loop
@@ -204,17 +252,23 @@ def _profiler(config: ml_collections.ConfigDict, workdir: str, start_step: int, 
   it closes before the last step; only process 0 profiles.
   """
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+
   if not config.profile_steps or jax.process_index() != 0:
     return None
   # The hook runs after each step; opened after step `first`, it traces steps first + 1 … first + profile_steps.
   first = start_step + max(1, min(PROFILE_WARMUP_STEPS, total_steps - start_step - config.profile_steps))
-  return periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir, profile_duration_ms=None,
-                                  first_profile=first, every_secs=None)
+  return periodic_actions.Profile(
+    num_profile_steps=config.profile_steps,
+    logdir=workdir,
+    profile_duration_ms=None,
+    first_profile=first,
+    every_secs=None,
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       data: Optional[data_lib.DataSource] = None
-                       ) -> Tuple[TrainState, Dict[str, evaluate_lib.Scores]]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, data: Optional[data_lib.DataSource] = None
+) -> Tuple[TrainState, Dict[str, evaluate_lib.Scores]]:
   """Trains (resuming from the latest checkpoint in `workdir`), evaluates periodically, keeps checkpoints.
 
   Every `eval_every_*` and at the last step, the evaluation splits are scored (`evaluate.Evaluator.run`:
@@ -227,11 +281,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+
   data = data or data_lib.DataSource(config, workdir)
   sizes = data.split_sizes()
   if config.data.train_split not in sizes:
-    raise ValueError(f"config.data.train_split={config.data.train_split!r} not among the converted splits "
-                     f"{sorted(sizes)}")
+    raise ValueError(
+      f"config.data.train_split={config.data.train_split!r} not among the converted splits {sorted(sizes)}"
+    )
   steps_per_epoch, total_steps = schedule_lengths(config, sizes[config.data.train_split]["refs"])
   check_batch_sizes(config)
   model, mesh = fcnet.build_model(config.model), sharding.create_mesh()
@@ -240,8 +296,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_fn = jit_train_step(config, model, mesh)
   evaluator = evaluate_lib.Evaluator(config, model, mesh, data)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({k: v for k, v in flax.traverse_util.flatten_dict(config.to_dict(), sep=".").items()
-                        if isinstance(v, (int, float, str, bool))})
+  writer.write_hparams(
+    {
+      k: v
+      for k, v in flax.traverse_util.flatten_dict(config.to_dict(), sep=".").items()
+      if isinstance(v, (int, float, str, bool))
+    }
+  )
   checkpoints = checkpoints_lib.Checkpoints(workdir, config.keep_checkpoints)
   state = initial_state(config, model, tx, mesh)
   if checkpoints.latest_step() is not None:

@@ -38,6 +38,7 @@ and each is written atomically, so a rerun keeps every finished shard and writes
 over `num_workers` spawned processes, so a script that calls `convert(..., num_workers > 1)` must do so under
 `if __name__ == "__main__":`.
 """
+
 import json
 import logging
 import os
@@ -60,14 +61,24 @@ def _existing_summary(path: str, header: Dict[str, object]) -> dict:
   summary = fileio.read_json(path)
   for key, value in header.items():
     if summary.get(key) != value:
-      raise ValueError(f"{path} has {key}={summary.get(key)!r}, but this conversion writes {key}={value!r}; "
-                       "use another --out")
+      raise ValueError(
+        f"{path} has {key}={summary.get(key)!r}, but this conversion writes {key}={value!r}; use another --out"
+      )
   return summary
 
 
-def convert(refer_root: str, coco_images: str, dataset: str, split_by: str, out_dir: str, *,
-            splits: Optional[Sequence[str]] = None, num_workers: Optional[int] = None,
-            skip_bad_images: bool = False, shard_size: int = DEFAULT_SHARD_SIZE) -> Dict[str, object]:
+def convert(
+  refer_root: str,
+  coco_images: str,
+  dataset: str,
+  split_by: str,
+  out_dir: str,
+  *,
+  splits: Optional[Sequence[str]] = None,
+  num_workers: Optional[int] = None,
+  skip_bad_images: bool = False,
+  shard_size: int = DEFAULT_SHARD_SIZE,
+) -> Dict[str, object]:
   """Converts the refs of `splits` to TFRecord shards under `out_dir` and writes/merges `summary.json`.
 
   Args:
@@ -92,8 +103,9 @@ def convert(refer_root: str, coco_images: str, dataset: str, split_by: str, out_
   instances_path = os.path.join(refer_dir, "instances.json")
   for path in (refs_path, instances_path):
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} not found (--refer_root={refer_root}, --dataset={dataset}, "
-                              f"--split_by={split_by})")
+      raise FileNotFoundError(
+        f"{path} not found (--refer_root={refer_root}, --dataset={dataset}, --split_by={split_by})"
+      )
   if splits is not None:
     unknown = [s for s in splits if s not in split_names]
     if unknown:
@@ -107,8 +119,13 @@ def convert(refer_root: str, coco_images: str, dataset: str, split_by: str, out_
   if splits is None:
     splits = [s for s in split_names if s in present]
   if present - set(split_names):
-    logging.warning("%s has refs of split(s) %s, which %s/%s does not define; they are not converted", refs_path,
-                    sorted(present - set(split_names)), dataset, split_by)
+    logging.warning(
+      "%s has refs of split(s) %s, which %s/%s does not define; they are not converted",
+      refs_path,
+      sorted(present - set(split_names)),
+      dataset,
+      split_by,
+    )
   empty = [s for s in splits if s not in present]
   if empty:
     raise ValueError(f"{refs_path} has no refs of split(s) {empty}; it has {sorted(present)}")
@@ -126,8 +143,15 @@ def convert(refer_root: str, coco_images: str, dataset: str, split_by: str, out_
     split_dir = os.path.join(out_dir, split)
     names = [records.shard_name(split, i, len(planned)) for i in range(len(planned))]
     shards_lib.prepare_split_dir(split_dir, names, shard_size)
-    work.append((split, [shards_lib.ShardTask(os.path.join(split_dir, name), shard, skip_bad_images)
-                         for name, shard in zip(names, planned)]))
+    work.append(
+      (
+        split,
+        [
+          shards_lib.ShardTask(os.path.join(split_dir, name), shard, skip_bad_images)
+          for name, shard in zip(names, planned)
+        ],
+      )
+    )
 
   results = {}
   all_tasks = [task for _, tasks in work for task in tasks]
@@ -145,9 +169,13 @@ def convert(refer_root: str, coco_images: str, dataset: str, split_by: str, out_
 
 def define_flags() -> None:
   """The command-line flags of `main` (defined by `run`, so that importing this module defines none)."""
-  flags.DEFINE_string("refer_root", None, "Folder with <dataset>/refs(<split_by>).p and <dataset>/instances.json. "
-                      "SECURITY: refs(...).p files are pickles, which can execute arbitrary code when loaded: only "
-                      "convert files you trust.")
+  flags.DEFINE_string(
+    "refer_root",
+    None,
+    "Folder with <dataset>/refs(<split_by>).p and <dataset>/instances.json. "
+    "SECURITY: refs(...).p files are pickles, which can execute arbitrary code when loaded: only "
+    "convert files you trust.",
+  )
   flags.DEFINE_string("coco_images", None, "COCO train2014 JPEG folder, or its parent.")
   flags.DEFINE_string("dataset", None, "refcoco | refcoco+ | refcocog.")
   flags.DEFINE_string("split_by", None, "unc | google | umd.")
@@ -162,17 +190,23 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   del argv  # Checked by cli.run.
   args = flags.FLAGS
-  summary = convert(args.refer_root, args.coco_images, args.dataset, args.split_by, args.out, splits=args.splits,
-                    num_workers=args.num_workers, skip_bad_images=args.skip_bad_images,
-                    shard_size=args.shard_size)
+  summary = convert(
+    args.refer_root,
+    args.coco_images,
+    args.dataset,
+    args.split_by,
+    args.out,
+    splits=args.splits,
+    num_workers=args.num_workers,
+    skip_bad_images=args.skip_bad_images,
+    shard_size=args.shard_size,
+  )
   print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 def run() -> None:
   """The `fcnet-convert` entry point."""
-  if "refer_root" not in flags.FLAGS:
-    define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

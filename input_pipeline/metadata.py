@@ -4,6 +4,7 @@ The converter's `<data_dir>/summary.json` (`input_pipeline.records`) names the d
 token length and per split the ref / sentence / shard counts; the pipeline checks the shards on disk and the
 configuration against it, so that a wrong `--data_dir` fails before training with an error naming the file.
 """
+
 import hashlib
 import json
 import os
@@ -31,8 +32,9 @@ def dataset_info(data_dir: str, dataset: Optional[str] = None, split_by: Optiona
   path = os.path.join(data_dir, records.SUMMARY_FILE)
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(
-        f"{path} not found: the data directory must be the output folder of `fcnet-convert` "
-        "(python -m input_pipeline.convert).")
+      f"{path} not found: the data directory must be the output folder of `fcnet-convert` "
+      "(python -m input_pipeline.convert)."
+    )
   with tf.io.gfile.GFile(path, "r") as f:
     try:
       info = json.load(f)
@@ -46,9 +48,11 @@ def dataset_info(data_dir: str, dataset: Optional[str] = None, split_by: Optiona
   if wrong:
     found = ", ".join(f"{key}={info.get(key)!r}" for key in wanted)
     asked = ", ".join(f"{key}={value!r}" for key, value in wanted.items() if value is not None)
-    raise ValueError(f"{path} holds {found}, but the configuration asks for {asked} (config.data.dataset / "
-                     "config.data.split_by): point the data directory at shards converted with those, or fix the "
-                     "configuration.")
+    raise ValueError(
+      f"{path} holds {found}, but the configuration asks for {asked} (config.data.dataset / "
+      "config.data.split_by): point the data directory at shards converted with those, or fix the "
+      "configuration."
+    )
   return info
 
 
@@ -71,8 +75,9 @@ def split_files(data_dir: str, split: str, info_of_split: Dict[str, Any]) -> Lis
     raise FileNotFoundError(f"no shards match {pattern}.")
   expected = info_of_split.get("shards")
   if expected is not None and expected != len(files):
-    raise ValueError(f"{data_dir}/{records.SUMMARY_FILE} says split {split!r} has {expected} shards, but "
-                     f"{len(files)} match {pattern}.")
+    raise ValueError(
+      f"{data_dir}/{records.SUMMARY_FILE} says split {split!r} has {expected} shards, but {len(files)} match {pattern}."
+    )
   return files
 
 
@@ -104,8 +109,9 @@ def mix_seed(*values: Any) -> int:
 
 def check_process(process_index: int, process_count: int) -> None:
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"need 0 <= process_index < process_count; got process_index={process_index}, "
-                     f"process_count={process_count}.")
+    raise ValueError(
+      f"need 0 <= process_index < process_count; got process_index={process_index}, process_count={process_count}."
+    )
 
 
 def check_sizes(image_size: int, context_length: int, batch_size: int, stored_length: int) -> None:
@@ -114,5 +120,6 @@ def check_sizes(image_size: int, context_length: int, batch_size: int, stored_le
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
   if not 2 <= context_length <= stored_length:
-    raise ValueError(f"context_length must be in [2, {stored_length}] (the stored token length of "
-                     f"summary.json); got {context_length}.")
+    raise ValueError(
+      f"context_length must be in [2, {stored_length}] (the stored token length of summary.json); got {context_length}."
+    )

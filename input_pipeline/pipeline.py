@@ -24,6 +24,7 @@ sentence per visit; the stream is a pure function of (seed, process_index, proce
 resumes it exactly. Evaluation yields every (ref, sentence) pair exactly once across processes, padded with
 `valid=False` copies of a real example so that every process yields the same number of batches.
 """
+
 import math
 from typing import Dict, Iterator, Tuple
 
@@ -38,8 +39,17 @@ from input_pipeline.preprocess import letterbox
 from input_pipeline.preprocess import MEAN_RGB_UINT8
 
 # The public names of the input pipeline, all reached through this module.
-__all__ = ["Batch", "MEAN_RGB_UINT8", "dataset_info", "eval_dataset", "eval_iterator", "eval_num_batches",
-           "letterbox", "train_dataset", "train_iterator"]
+__all__ = [
+  "Batch",
+  "MEAN_RGB_UINT8",
+  "dataset_info",
+  "eval_dataset",
+  "eval_iterator",
+  "eval_num_batches",
+  "letterbox",
+  "train_dataset",
+  "train_iterator",
+]
 
 tf = import_tensorflow()
 
@@ -61,9 +71,21 @@ def _options(threads: int = 0) -> tf.data.Options:
 # Training.
 
 
-def train_dataset(data_dir: str, split: str, *, image_size: int, context_length: int, batch_size: int,
-                  seed: int, process_index: int = 0, process_count: int = 1, shuffle_buffer: int = 4096,
-                  start_step: int = 0, threads: int = 0, letterbox_mode: str = "integer") -> tf.data.Dataset:
+def train_dataset(
+  data_dir: str,
+  split: str,
+  *,
+  image_size: int,
+  context_length: int,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  shuffle_buffer: int = 4096,
+  start_step: int = 0,
+  threads: int = 0,
+  letterbox_mode: str = "integer",
+) -> tf.data.Dataset:
   """The endless training stream of this process: shuffled refs, one random sentence per visit.
 
   Each process reads its own part of the split: whole files when there are at least as many shards as
@@ -100,8 +122,9 @@ def train_dataset(data_dir: str, split: str, *, image_size: int, context_length:
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0; got {start_step}.")
   if split_info["refs"] < process_count:
-    raise ValueError(f"split {split!r} of {data_dir} has {split_info['refs']} refs, fewer than "
-                     f"process_count={process_count}.")
+    raise ValueError(
+      f"split {split!r} of {data_dir} has {split_info['refs']} refs, fewer than process_count={process_count}."
+    )
   files = metadata.split_files(data_dir, split, split_info)
   by_file = len(files) >= process_count
   own_files = files[process_index::process_count] if by_file else files
@@ -111,14 +134,20 @@ def train_dataset(data_dir: str, split: str, *, image_size: int, context_length:
 
   @tf.autograph.experimental.do_not_convert
   def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
-    file_seed, record_seed = tf.unstack(tf.random.stateless_uniform(
-        [2], seed=tf.stack([tf.constant(stream_seed, tf.int64), epoch]), minval=None, maxval=None,
-        dtype=tf.int64))
+    file_seed, record_seed = tf.unstack(
+      tf.random.stateless_uniform(
+        [2], seed=tf.stack([tf.constant(stream_seed, tf.int64), epoch]), minval=None, maxval=None, dtype=tf.int64
+      )
+    )
     if by_file:
       names = tf.data.Dataset.from_tensor_slices(own_files).shuffle(len(own_files), seed=file_seed)
       serialized = names.interleave(
-          tf.data.TFRecordDataset, cycle_length=min(len(own_files), _MAX_INTERLEAVE_FILES), block_length=1,
-          num_parallel_calls=_AUTOTUNE, deterministic=True)
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(own_files), _MAX_INTERLEAVE_FILES),
+        block_length=1,
+        num_parallel_calls=_AUTOTUNE,
+        deterministic=True,
+      )
     else:  # Every process reads all files in the same fixed order and keeps its share of the records.
       serialized = tf.data.TFRecordDataset(files).shard(process_count, process_index)
     return serialized.shuffle(shuffle_buffer, seed=record_seed)
@@ -142,18 +171,24 @@ def train_dataset(data_dir: str, split: str, *, image_size: int, context_length:
   def decode(index: tf.Tensor, serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
     features = records.parse(serialized, stored_length)
     sentence = tf.random.stateless_uniform(
-        [], seed=tf.stack([tf.constant(sentence_seed, tf.int64), index]), minval=0,
-        maxval=tf.size(features["sentences/sent_id"]), dtype=tf.int32)
+      [],
+      seed=tf.stack([tf.constant(sentence_seed, tf.int64), index]),
+      minval=0,
+      maxval=tf.size(features["sentences/sent_id"]),
+      dtype=tf.int32,
+    )
     example, _ = preprocess.example(features, sentence, image_size, context_length, letterbox_mode)
     return example
 
-  dataset = (tf.data.Dataset.counter(first_epoch)
-             .flat_map(epoch_records)
-             .enumerate(index_start)
-             .skip(skip)
-             .map(decode, num_parallel_calls=_AUTOTUNE, deterministic=True)
-             .batch(batch_size, drop_remainder=True)
-             .prefetch(_AUTOTUNE))
+  dataset = (
+    tf.data.Dataset.counter(first_epoch)
+    .flat_map(epoch_records)
+    .enumerate(index_start)
+    .skip(skip)
+    .map(decode, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    .batch(batch_size, drop_remainder=True)
+    .prefetch(_AUTOTUNE)
+  )
   return dataset.with_options(_options(threads))
 
 
@@ -171,9 +206,19 @@ def eval_num_batches(num_pairs: int, batch_size: int, process_count: int) -> int
   return math.ceil(math.ceil(num_pairs / process_count) / batch_size)
 
 
-def eval_dataset(data_dir: str, split: str, *, image_size: int, context_length: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1, canvas: int = 640,
-                 threads: int = 0, letterbox_mode: str = "integer") -> tf.data.Dataset:
+def eval_dataset(
+  data_dir: str,
+  split: str,
+  *,
+  image_size: int,
+  context_length: int,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  canvas: int = 640,
+  threads: int = 0,
+  letterbox_mode: str = "integer",
+) -> tf.data.Dataset:
   """Every (ref, sentence) pair of a split exactly once across processes, padded to equal batch counts.
 
   Pairs are numbered in file order (sorted shard names), record order within a file and sentence order
@@ -212,20 +257,26 @@ def eval_dataset(data_dir: str, split: str, *, image_size: int, context_length: 
   @tf.autograph.experimental.do_not_convert
   def to_pairs(serialized: tf.Tensor) -> tf.data.Dataset:
     # Only the sentence ids are parsed here; images are decoded after the process filter.
-    sent_id = tf.io.parse_single_example(
-        serialized, records.feature_spec(["sentences/sent_id"]))["sentences/sent_id"].values
-    return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(serialized).repeat(),
-                                tf.data.Dataset.range(tf.size(sent_id, out_type=tf.int64))))
+    sent_id = tf.io.parse_single_example(serialized, records.feature_spec(["sentences/sent_id"]))[
+      "sentences/sent_id"
+    ].values
+    return tf.data.Dataset.zip(
+      (tf.data.Dataset.from_tensors(serialized).repeat(), tf.data.Dataset.range(tf.size(sent_id, out_type=tf.int64)))
+    )
 
-  count_error = (f"split {split!r} of {data_dir}: summary.json says {num_pairs} (ref, sentence) pairs but "
-                 "the shards hold a different number; pairs read:")
+  count_error = (
+    f"split {split!r} of {data_dir}: summary.json says {num_pairs} (ref, sentence) pairs but "
+    "the shards hold a different number; pairs read:"
+  )
 
   @tf.autograph.experimental.do_not_convert
   def check_count(number: tf.Tensor, pair: Tuple[tf.Tensor, tf.Tensor]):
     # The sentinel (sentence -1) after the last pair carries the number of pairs read.
     is_sentinel = pair[1] < 0
-    ok = tf.debugging.Assert(tf.where(is_sentinel, number == num_pairs, number < num_pairs),
-                             [count_error, tf.where(is_sentinel, number, number + 1)])
+    ok = tf.debugging.Assert(
+      tf.where(is_sentinel, number == num_pairs, number < num_pairs),
+      [count_error, tf.where(is_sentinel, number, number + 1)],
+    )
     with tf.control_dependencies([ok]):
       return tf.identity(number), pair
 
@@ -244,12 +295,19 @@ def eval_dataset(data_dir: str, split: str, *, image_size: int, context_length: 
     example, mask = preprocess.example(features, sentence, image_size, context_length, letterbox_mode)
     height, width = tf.shape(mask)[0], tf.shape(mask)[1]
     ok = tf.debugging.Assert(
-        tf.logical_and(height <= canvas, width <= canvas),
-        [f"split {split!r}: ref_id", features["ref_id"], "has an image of (h, w) =", tf.shape(mask),
-         f"larger than the evaluation canvas {canvas} (config data.eval_canvas)"])
+      tf.logical_and(height <= canvas, width <= canvas),
+      [
+        f"split {split!r}: ref_id",
+        features["ref_id"],
+        "has an image of (h, w) =",
+        tf.shape(mask),
+        f"larger than the evaluation canvas {canvas} (config data.eval_canvas)",
+      ],
+    )
     with tf.control_dependencies([ok]):
       example["orig_mask"] = tf.ensure_shape(
-          tf.pad(mask, [[0, canvas - height], [0, canvas - width]]), [canvas, canvas])
+        tf.pad(mask, [[0, canvas - height], [0, canvas - width]]), [canvas, canvas]
+      )
     example["valid"] = valid
     return example
 
@@ -259,17 +317,15 @@ def eval_dataset(data_dir: str, split: str, *, image_size: int, context_length: 
 
   pairs = tf.data.TFRecordDataset(files).flat_map(to_pairs)
   sentinel = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(-1, tf.int64)))
-  dataset = (pairs.concatenate(sentinel)
-             .enumerate()
-             .map(check_count)
-             .filter(is_own)
-             .map(drop_number))
+  dataset = pairs.concatenate(sentinel).enumerate().map(check_count).filter(is_own).map(drop_number)
   if num_padding:
     # Padding: the split's first pair (so the model sees a normal input), kept serialized in memory.
     dataset = dataset.concatenate(pairs.take(1).map(as_padding).cache().repeat(num_padding))
-  dataset = (dataset.map(decode, num_parallel_calls=_AUTOTUNE, deterministic=True)
-             .batch(batch_size, drop_remainder=True)
-             .prefetch(_AUTOTUNE))
+  dataset = (
+    dataset.map(decode, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    .batch(batch_size, drop_remainder=True)
+    .prefetch(_AUTOTUNE)
+  )
   return dataset.with_options(_options(threads))
 
 

@@ -17,6 +17,7 @@ Follows the CRIS protocol that FCNet uses (docs/data.md, "Preprocessing"):
 The tf.data functions of the pipeline have no Python control flow on tensors, so they skip AutoGraph
 (`do_not_convert`), which would only slow their tracing.
 """
+
 from typing import Dict, Tuple
 
 from fcnet_jax import letterbox as letterbox_lib
@@ -66,8 +67,9 @@ def letterbox(image: tf.Tensor, mask: tf.Tensor, image_size: int, mode: str = "i
   canvas = tf.concat([_fill(colour, top, size), middle, _fill(colour, bottom, size)], axis=0)
   canvas = tf.ensure_shape(canvas, [size, size, 3])
 
-  mask_resized = tf.image.resize(tf.cast(mask[..., None], tf.float32), tf.stack([resized_h, resized_w]),
-                                 method="bilinear", antialias=False)[..., 0]
+  mask_resized = tf.image.resize(
+    tf.cast(mask[..., None], tf.float32), tf.stack([resized_h, resized_w]), method="bilinear", antialias=False
+  )[..., 0]
   mask_resized = tf.cast(mask_resized >= 0.5, tf.uint8)
   mask_canvas = tf.pad(mask_resized, tf.stack([tf.stack([top, bottom]), tf.stack([left, right])]))
   mask_canvas = tf.ensure_shape(mask_canvas, [size, size])
@@ -81,20 +83,27 @@ def _integer_geometry(height: tf.Tensor, width: tf.Tensor, size: int) -> Dict[st
   scale = tf.minimum(size / height_f, size / width_f)
   resized_h = tf.maximum(tf.cast(tf.round(height_f * scale), tf.int32), 1)
   resized_w = tf.maximum(tf.cast(tf.round(width_f * scale), tf.int32), 1)
-  return {"resized_hw": tf.stack([resized_h, resized_w]),
-          "offset": tf.stack([(size - resized_h) // 2, (size - resized_w) // 2]),
-          "scale": tf.cast(scale, tf.float32)}
+  return {
+    "resized_hw": tf.stack([resized_h, resized_w]),
+    "offset": tf.stack([(size - resized_h) // 2, (size - resized_w) // 2]),
+    "scale": tf.cast(scale, tf.float32),
+  }
 
 
-def _cris_letterbox(image: tf.Tensor, mask: tf.Tensor, image_size: int,
-                    geometry: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+def _cris_letterbox(
+  image: tf.Tensor, mask: tf.Tensor, image_size: int, geometry: Dict[str, tf.Tensor]
+) -> Dict[str, tf.Tensor]:
   """CRIS's letterbox (OpenCV's warpAffine, reproduced in NumPy) on the host; the integer geometry alongside."""
+
   def warp(image_np, mask_np):
     return letterbox_lib.cris_letterbox(image_np, mask_np, image_size, MEAN_RGB_UINT8)
 
   canvas, mask_canvas = tf.numpy_function(warp, [image, mask], [tf.uint8, tf.uint8], stateful=False)
-  return {"image": tf.ensure_shape(canvas, [image_size, image_size, 3]),
-          "mask": tf.ensure_shape(mask_canvas, [image_size, image_size]), **geometry}
+  return {
+    "image": tf.ensure_shape(canvas, [image_size, image_size, 3]),
+    "mask": tf.ensure_shape(mask_canvas, [image_size, image_size]),
+    **geometry,
+  }
 
 
 def decode_image_and_mask(features: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -103,16 +112,29 @@ def decode_image_and_mask(features: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf
   mask = tf.io.decode_png(features["mask/encoded"], channels=1)[..., 0]
   stored_hw = tf.cast(tf.stack([features["image/height"], features["image/width"]]), tf.int32)
   ok = tf.debugging.Assert(
-      tf.logical_and(tf.reduce_all(tf.shape(image)[:2] == stored_hw),
-                     tf.reduce_all(tf.shape(mask) == stored_hw)),
-      ["record of ref_id", features["ref_id"], "image/height,width =", stored_hw,
-       "but image/encoded decodes to", tf.shape(image)[:2], "and mask/encoded to", tf.shape(mask)])
+    tf.logical_and(tf.reduce_all(tf.shape(image)[:2] == stored_hw), tf.reduce_all(tf.shape(mask) == stored_hw)),
+    [
+      "record of ref_id",
+      features["ref_id"],
+      "image/height,width =",
+      stored_hw,
+      "but image/encoded decodes to",
+      tf.shape(image)[:2],
+      "and mask/encoded to",
+      tf.shape(mask),
+    ],
+  )
   with tf.control_dependencies([ok]):
     return tf.identity(image), tf.identity(mask)
 
 
-def example(features: Dict[str, tf.Tensor], sentence: tf.Tensor, image_size: int, context_length: int,
-            letterbox_mode: str = "integer") -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
+def example(
+  features: Dict[str, tf.Tensor],
+  sentence: tf.Tensor,
+  image_size: int,
+  context_length: int,
+  letterbox_mode: str = "integer",
+) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
   """One letterboxed example of sentence number `sentence` of a parsed record (`records.parse`), and the h×w mask."""
   image, mask = decode_image_and_mask(features)
   out = letterbox(image, mask, image_size, letterbox_mode)

@@ -24,6 +24,7 @@ Features of one record (one ref):
   sentences/tokens   int64[N*T] CLIP token ids, row-major N×T with T = summary["context_length"] (77), [SOS]…[EOS]
                                zero-padded; cut to the configured L with `truncate_tokens`.
 """
+
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -40,9 +41,22 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
   return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def make_example(*, image: bytes, height: int, width: int, mask_png: bytes, ref_id: int, ann_id: int,
-                 image_id: int, category_id: int, bbox: Sequence[float], sents: Sequence[str],
-                 sent_ids: Sequence[int], tokens: np.ndarray, reencoded: bool = False) -> bytes:
+def make_example(
+  *,
+  image: bytes,
+  height: int,
+  width: int,
+  mask_png: bytes,
+  ref_id: int,
+  ann_id: int,
+  image_id: int,
+  category_id: int,
+  bbox: Sequence[float],
+  sents: Sequence[str],
+  sent_ids: Sequence[int],
+  tokens: np.ndarray,
+  reencoded: bool = False,
+) -> bytes:
   """The serialized `tf.train.Example` of one ref; `tokens` is N×T (T = `STORED_CONTEXT_LENGTH` on disk).
 
   Serialized deterministically (fields in key order), so the same ref always gives the same bytes: a rerun of
@@ -51,26 +65,32 @@ def make_example(*, image: bytes, height: int, width: int, mask_png: bytes, ref_
   tf = import_tensorflow()
   tokens = np.asarray(tokens)
   if tokens.ndim != 2 or tokens.shape[0] != len(sents) or len(sent_ids) != len(sents):
-    raise ValueError(f"ref_id={ref_id}: {len(sents)} sentences, {len(sent_ids)} sent_ids and tokens of shape "
-                     f"{tokens.shape} do not match (need N sentences, N ids and N×T tokens)")
+    raise ValueError(
+      f"ref_id={ref_id}: {len(sents)} sentences, {len(sent_ids)} sent_ids and tokens of shape "
+      f"{tokens.shape} do not match (need N sentences, N ids and N×T tokens)"
+    )
   feature = tf.train.Feature
   ints = lambda values: feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
   raw = lambda values: feature(bytes_list=tf.train.BytesList(value=list(values)))
-  example = tf.train.Example(features=tf.train.Features(feature={
-      "image/encoded": raw([image]),
-      "image/height": ints([height]),
-      "image/width": ints([width]),
-      REENCODED_FEATURE: ints([reencoded]),
-      "mask/encoded": raw([mask_png]),
-      "ref_id": ints([ref_id]),
-      "ann_id": ints([ann_id]),
-      "image_id": ints([image_id]),
-      "category_id": ints([category_id]),
-      "bbox": feature(float_list=tf.train.FloatList(value=[float(v) for v in bbox])),
-      "sentences/sent": raw([s.encode("utf-8") for s in sents]),
-      "sentences/sent_id": ints(sent_ids),
-      "sentences/tokens": ints(tokens.reshape(-1)),
-  }))
+  example = tf.train.Example(
+    features=tf.train.Features(
+      feature={
+        "image/encoded": raw([image]),
+        "image/height": ints([height]),
+        "image/width": ints([width]),
+        REENCODED_FEATURE: ints([reencoded]),
+        "mask/encoded": raw([mask_png]),
+        "ref_id": ints([ref_id]),
+        "ann_id": ints([ann_id]),
+        "image_id": ints([image_id]),
+        "category_id": ints([category_id]),
+        "bbox": feature(float_list=tf.train.FloatList(value=[float(v) for v in bbox])),
+        "sentences/sent": raw([s.encode("utf-8") for s in sents]),
+        "sentences/sent_id": ints(sent_ids),
+        "sentences/tokens": ints(tokens.reshape(-1)),
+      }
+    )
+  )
   return example.SerializeToString(deterministic=True)
 
 
@@ -78,20 +98,20 @@ def feature_spec(keys: Optional[Sequence[str]] = None) -> Dict[str, object]:
   """The `tf.io.parse_single_example` spec of a record, or of its features `keys` only (cheaper to parse)."""
   tf = import_tensorflow()
   spec = {
-      "image/encoded": tf.io.FixedLenFeature([], tf.string),
-      "image/height": tf.io.FixedLenFeature([], tf.int64),
-      "image/width": tf.io.FixedLenFeature([], tf.int64),
-      # A record written without it holds the original image bytes.
-      REENCODED_FEATURE: tf.io.FixedLenFeature([], tf.int64, default_value=0),
-      "mask/encoded": tf.io.FixedLenFeature([], tf.string),
-      "ref_id": tf.io.FixedLenFeature([], tf.int64),
-      "ann_id": tf.io.FixedLenFeature([], tf.int64),
-      "image_id": tf.io.FixedLenFeature([], tf.int64),
-      "category_id": tf.io.FixedLenFeature([], tf.int64),
-      "bbox": tf.io.FixedLenFeature([4], tf.float32),
-      "sentences/sent": tf.io.VarLenFeature(tf.string),
-      "sentences/sent_id": tf.io.VarLenFeature(tf.int64),
-      "sentences/tokens": tf.io.VarLenFeature(tf.int64),
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/height": tf.io.FixedLenFeature([], tf.int64),
+    "image/width": tf.io.FixedLenFeature([], tf.int64),
+    # A record written without it holds the original image bytes.
+    REENCODED_FEATURE: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    "mask/encoded": tf.io.FixedLenFeature([], tf.string),
+    "ref_id": tf.io.FixedLenFeature([], tf.int64),
+    "ann_id": tf.io.FixedLenFeature([], tf.int64),
+    "image_id": tf.io.FixedLenFeature([], tf.int64),
+    "category_id": tf.io.FixedLenFeature([], tf.int64),
+    "bbox": tf.io.FixedLenFeature([4], tf.float32),
+    "sentences/sent": tf.io.VarLenFeature(tf.string),
+    "sentences/sent_id": tf.io.VarLenFeature(tf.int64),
+    "sentences/tokens": tf.io.VarLenFeature(tf.int64),
   }
   return spec if keys is None else {key: spec[key] for key in keys}
 
@@ -107,9 +127,15 @@ def parse(serialized, stored_length: int) -> Dict[str, object]:
   tokens = features["sentences/tokens"].values
   num_sentences = tf.size(sent_id)
   ok = tf.debugging.Assert(
-      tf.logical_and(num_sentences > 0, tf.size(tokens) == num_sentences * stored_length),
-      ["record of ref_id", features["ref_id"], "needs >= 1 sentence and sentences/tokens of size "
-       f"N*{stored_length} (summary.json context_length); N, size =", num_sentences, tf.size(tokens)])
+    tf.logical_and(num_sentences > 0, tf.size(tokens) == num_sentences * stored_length),
+    [
+      "record of ref_id",
+      features["ref_id"],
+      f"needs >= 1 sentence and sentences/tokens of size N*{stored_length} (summary.json context_length); N, size =",
+      num_sentences,
+      tf.size(tokens),
+    ],
+  )
   with tf.control_dependencies([ok]):
     features["sentences/tokens"] = tf.reshape(tokens, [num_sentences, stored_length])
   features["sentences/sent_id"] = sent_id
@@ -138,4 +164,4 @@ def truncate_tokens(tokens, context_length: int):
   cut = tokens[..., :context_length]
   overflow = tf.logical_not(tf.reduce_any(cut == tf.constant(EOT_TOKEN, cut.dtype), axis=-1))
   last = tf.where(overflow, tf.constant(EOT_TOKEN, cut.dtype), cut[..., context_length - 1])
-  return tf.cast(tf.concat([cut[..., :context_length - 1], last[..., None]], axis=-1), tf.int32)
+  return tf.cast(tf.concat([cut[..., : context_length - 1], last[..., None]], axis=-1), tf.int32)

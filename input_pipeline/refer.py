@@ -8,6 +8,7 @@ needs, and holds the image and mask decoding the converter checks every record w
 SECURITY: the refs files are Python pickles, and loading a pickle can execute arbitrary code. Only load refer
 files you trust (e.g. downloaded yourself from the refer authors).
 """
+
 import contextlib
 import dataclasses
 import io
@@ -27,11 +28,11 @@ from input_pipeline import import_tensorflow
 
 # The splits each (dataset, split_by) combination of the refer downloads can have (docs/data.md).
 SPLITS: Dict[Tuple[str, str], Tuple[str, ...]] = {
-    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
-    ("refcoco", "google"): ("train", "val", "test"),
-    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
-    ("refcocog", "umd"): ("train", "val", "test"),
-    ("refcocog", "google"): ("train", "val"),
+  ("refcoco", "unc"): ("train", "val", "testA", "testB"),
+  ("refcoco", "google"): ("train", "val", "test"),
+  ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
+  ("refcocog", "umd"): ("train", "val", "test"),
+  ("refcocog", "google"): ("train", "val"),
 }
 
 
@@ -42,6 +43,7 @@ class BadImageError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class RefItem:
   """Everything a shard writer needs to write one ref's record (picklable, no file handles)."""
+
   ref_id: int
   ann_id: int
   image_id: int
@@ -105,8 +107,7 @@ def load_instances(path: str) -> Tuple[Dict[int, dict], Dict[int, dict]]:
   missing = [key for key in ("annotations", "images") if key not in instances]
   if missing:
     raise ValueError(f"{path} has no {missing} list(s): not a COCO instances file")
-  return ({ann["id"]: ann for ann in instances["annotations"]},
-          {image["id"]: image for image in instances["images"]})
+  return ({ann["id"]: ann for ann in instances["annotations"]}, {image["id"]: image for image in instances["images"]})
 
 
 def resolve_image_dir(coco_images: str, sample_file_name: Optional[str]) -> str:
@@ -121,18 +122,22 @@ def resolve_image_dir(coco_images: str, sample_file_name: Optional[str]) -> str:
   return candidates[0] if os.path.isdir(candidates[0]) else coco_images
 
 
-def ref_items(refs: Sequence[dict], anns: Dict[int, dict], images: Dict[int, dict], image_dir: str,
-              where: str) -> List[RefItem]:
+def ref_items(
+  refs: Sequence[dict], anns: Dict[int, dict], images: Dict[int, dict], image_dir: str, where: str
+) -> List[RefItem]:
   """The `RefItem`s of `refs`, checked against instances.json; errors name `where` (the refs file) and the ref."""
   items = []
   for ref in refs:
     ann = anns.get(ref["ann_id"])
     if ann is None:
-      raise ValueError(f"{where}: ref_id={ref['ref_id']} refers to ann_id={ref['ann_id']}, which is not in "
-                       "instances.json")
+      raise ValueError(
+        f"{where}: ref_id={ref['ref_id']} refers to ann_id={ref['ann_id']}, which is not in instances.json"
+      )
     if ann["image_id"] != ref["image_id"]:
-      raise ValueError(f"{where}: ref_id={ref['ref_id']} has image_id={ref['image_id']} but its annotation "
-                       f"{ann['id']} belongs to image_id={ann['image_id']}")
+      raise ValueError(
+        f"{where}: ref_id={ref['ref_id']} has image_id={ref['image_id']} but its annotation "
+        f"{ann['id']} belongs to image_id={ann['image_id']}"
+      )
     image = images.get(ref["image_id"])
     if image is None:
       raise ValueError(f"{where}: image_id={ref['image_id']} of ref_id={ref['ref_id']} is not in instances.json")
@@ -140,14 +145,21 @@ def ref_items(refs: Sequence[dict], anns: Dict[int, dict], images: Dict[int, dic
       raise ValueError(f"{where}: ref_id={ref['ref_id']} has no sentences")
     if any(not isinstance(s, dict) or "sent" not in s or "sent_id" not in s for s in ref["sentences"]):
       raise ValueError(f"{where}: a sentence of ref_id={ref['ref_id']} lacks 'sent' or 'sent_id'")
-    items.append(RefItem(
-        ref_id=int(ref["ref_id"]), ann_id=int(ref["ann_id"]), image_id=int(ref["image_id"]),
+    items.append(
+      RefItem(
+        ref_id=int(ref["ref_id"]),
+        ann_id=int(ref["ann_id"]),
+        image_id=int(ref["image_id"]),
         category_id=int(ref["category_id"]),
         sent_ids=tuple(int(s["sent_id"]) for s in ref["sentences"]),
         sents=tuple(str(s["sent"]) for s in ref["sentences"]),
-        bbox=tuple(float(v) for v in ann["bbox"]), segmentation=ann["segmentation"],
-        height=int(image["height"]), width=int(image["width"]),
-        image_path=os.path.join(image_dir, image["file_name"])))
+        bbox=tuple(float(v) for v in ann["bbox"]),
+        segmentation=ann["segmentation"],
+        height=int(image["height"]),
+        width=int(image["width"]),
+        image_path=os.path.join(image_dir, image["file_name"]),
+      )
+    )
   return items
 
 
@@ -234,12 +246,16 @@ def load_image(path: str, height: int, width: int) -> Tuple[bytes, bool]:
     except Exception as pil_error:  # pylint: disable=broad-except
       libjpeg = "; ".join(dict.fromkeys(_one_line(m) for m in native_messages[0].splitlines() if m.strip()))
       tf_message = _one_line(tf_error.message) or type(tf_error).__name__
-      raise BadImageError(f"image file {path} is corrupt or truncated (TensorFlow: {tf_message}"
-                          f"{f' [{libjpeg}]' if libjpeg else ''}; PIL: {_one_line(str(pil_error))})") from None
+      raise BadImageError(
+        f"image file {path} is corrupt or truncated (TensorFlow: {tf_message}"
+        f"{f' [{libjpeg}]' if libjpeg else ''}; PIL: {_one_line(str(pil_error))})"
+      ) from None
     buffer = io.BytesIO()
     rgb.save(buffer, format="PNG")
     data, shape, reencoded = buffer.getvalue(), (rgb.height, rgb.width, 3), True
   if shape != (height, width, 3):
-    raise BadImageError(f"image file {path} decodes to {shape[0]}×{shape[1]}×{shape[2]} (stored pixel frame, "
-                        f"EXIF ignored) but instances.json says height×width = {height}×{width}")
+    raise BadImageError(
+      f"image file {path} decodes to {shape[0]}×{shape[1]}×{shape[2]} (stored pixel frame, "
+      f"EXIF ignored) but instances.json says height×width = {height}×{width}"
+    )
   return data, reencoded

@@ -23,6 +23,7 @@ sides of 48–160 pixels with aspect ratios up to ~1.6 (shapes stay ≥ ~9 pixel
 
 Deterministic given the seed: every image draws from its own `np.random.default_rng((seed, index))`.
 """
+
 import json
 import math
 import os
@@ -40,12 +41,12 @@ from input_pipeline import refer
 
 # Saturated shape colours; the backgrounds are unsaturated, so colour words stay unambiguous.
 COLOURS: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (150, 60, 190),
-    "orange": (245, 135, 30),
+  "red": (220, 40, 40),
+  "green": (40, 170, 60),
+  "blue": (40, 80, 220),
+  "yellow": (235, 210, 40),
+  "purple": (150, 60, 190),
+  "orange": (245, 135, 30),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")  # category_id = index + 1.
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
@@ -57,8 +58,15 @@ NOUNS = ("one", "shape", "object", "thing")  # Stand-ins for the shape word when
 # A shape's centre must be this fraction of the image side away from the midline to count as in a half.
 POSITION_MARGIN = 0.08
 # Attribute subsets a description may use; position phrases add a half to any of them (or to none).
-_ATTRIBUTE_SUBSETS = (("shape",), ("colour",), ("size",), ("colour", "shape"), ("size", "shape"),
-                      ("size", "colour"), ("size", "colour", "shape"))
+_ATTRIBUTE_SUBSETS = (
+  ("shape",),
+  ("colour",),
+  ("size",),
+  ("colour", "shape"),
+  ("size", "shape"),
+  ("size", "colour"),
+  ("size", "colour", "shape"),
+)
 _POSITION_BASES = ((), ("shape",), ("colour",), ("size",), ("colour", "shape"), ("size", "shape"))
 
 
@@ -74,8 +82,9 @@ def _shape_polygons(shape: str, cx: float, cy: float, extent: float) -> Tuple[Li
     points = [np.stack([cx + half * np.cos(angles), cy + half * np.sin(angles)], -1)]
     radius = half
   elif shape == "square":
-    points = [np.array([[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half],
-                        [cx - half, cy + half]])]
+    points = [
+      np.array([[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]])
+    ]
     radius = half * math.sqrt(2)
   elif shape == "triangle":  # Equilateral, base = extent, centred on its circumcentre.
     height = extent * math.sqrt(3) / 2
@@ -86,8 +95,10 @@ def _shape_polygons(shape: str, cx: float, cy: float, extent: float) -> Tuple[Li
     radius = half
   elif shape == "cross":  # Two overlapping bars: a multi-polygon segmentation, as COCO has for split objects.
     arm = extent / 6
-    points = [np.array([[cx - half, cy - arm], [cx + half, cy - arm], [cx + half, cy + arm], [cx - half, cy + arm]]),
-              np.array([[cx - arm, cy - half], [cx + arm, cy - half], [cx + arm, cy + half], [cx - arm, cy + half]])]
+    points = [
+      np.array([[cx - half, cy - arm], [cx + half, cy - arm], [cx + half, cy + arm], [cx - half, cy + arm]]),
+      np.array([[cx - arm, cy - half], [cx + arm, cy - half], [cx + arm, cy + half], [cx - arm, cy + half]]),
+    ]
     radius = math.hypot(half, arm)
   else:
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
@@ -138,8 +149,9 @@ def _place_objects(rng: np.random.Generator, height: int, width: int) -> List[Di
       cy = rng.uniform(extent / 2 + 1, height - extent / 2 - 1)
       polygons, radius = _shape_polygons(shape, cx, cy, extent)
       if all(math.hypot(cx - o["cx"], cy - o["cy"]) >= radius + o["radius"] + 2 for o in objects):
-        objects.append({"shape": shape, "colour": colour, "size": size, "cx": cx,
-                        "cy": cy, "radius": radius, "polygons": polygons})
+        objects.append(
+          {"shape": shape, "colour": colour, "size": size, "cx": cx, "cy": cy, "radius": radius, "polygons": polygons}
+        )
         break
   return objects
 
@@ -155,8 +167,9 @@ def _half(obj: Dict[str, object], direction: str, height: int, width: int) -> Op
   return (offset < 0) == (direction in ("left", "top"))
 
 
-def _descriptions(objects: Sequence[Dict[str, object]], target: int, grayscale: bool, height: int,
-                  width: int) -> Tuple[List[Tuple[str, ...]], List[Tuple[Tuple[str, ...], str]]]:
+def _descriptions(
+  objects: Sequence[Dict[str, object]], target: int, grayscale: bool, height: int, width: int
+) -> Tuple[List[Tuple[str, ...]], List[Tuple[Tuple[str, ...], str]]]:
   """The attribute subsets and (subset, half) pairs that single out `objects[target]`."""
   allowed = lambda subset: not (grayscale and "colour" in subset)
   me = objects[target]
@@ -172,14 +185,14 @@ def _descriptions(objects: Sequence[Dict[str, object]], target: int, grayscale: 
       continue  # The attributes alone suffice; a position phrase would not be needed.
     for direction in POSITION_WORDS:
       # Unambiguous even under a small error in reading the position: the others are clearly out of the half.
-      if _half(me, direction, height, width) and all(_half(o, direction, height, width) is False
-                                                       for o in others):
+      if _half(me, direction, height, width) and all(_half(o, direction, height, width) is False for o in others):
         positions.append((subset, direction))
   return attributes, positions
 
 
-def _phrase(rng: np.random.Generator, obj: Dict[str, object], subset: Sequence[str],
-            direction: Optional[str] = None) -> str:
+def _phrase(
+  rng: np.random.Generator, obj: Dict[str, object], subset: Sequence[str], direction: Optional[str] = None
+) -> str:
   """A lower-case referring phrase naming `obj` by the attributes in `subset` (and a half)."""
   words = []
   if "size" in subset:
@@ -257,8 +270,14 @@ def _generate_image(seed: int, index: int, image_id: int) -> Dict[str, object]:
     attributes, positions = _descriptions(objects, i, grayscale, height, width)
     obj["sentences"] = _sentences(rng, obj, attributes, positions) if attributes or positions else []
     obj["raw"] = [_raw(rng, s) for s in obj["sentences"]]
-  return {"image_id": image_id, "height": height, "width": width, "image": image, "objects": objects,
-          "grayscale": grayscale}
+  return {
+    "image_id": image_id,
+    "height": height,
+    "width": width,
+    "image": image,
+    "objects": objects,
+    "grayscale": grayscale,
+  }
 
 
 def _segmentation(obj: Dict[str, object], kind: str) -> Dict[str, object]:
@@ -267,14 +286,23 @@ def _segmentation(obj: Dict[str, object], kind: str) -> Dict[str, object]:
     return {"segmentation": obj["polygons"], "iscrowd": 0}
   if kind == "rle_string":
     rle = mask_utils.encode(np.asfortranarray(obj["mask"]))
-    return {"segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "iscrowd": 1}
+    return {
+      "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+      "iscrowd": 1,
+    }
   return {"segmentation": _uncompressed_rle(obj["mask"]), "iscrowd": 1}
 
 
-def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_eval_images: int = 28,
-             dataset: str = "refcoco", split_by: str = "unc",
-             splits: Optional[Sequence[str]] = None) -> Dict[str, object]:
+def generate(
+  out_dir: str,
+  *,
+  seed: int = 0,
+  num_train_images: int = 100,
+  num_eval_images: int = 28,
+  dataset: str = "refcoco",
+  split_by: str = "unc",
+  splits: Optional[Sequence[str]] = None,
+) -> Dict[str, object]:
   """Writes a synthetic refer-format dataset under `out_dir` (see the module docstring for the layout).
 
   Args:
@@ -298,8 +326,13 @@ def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_ev
   os.makedirs(refer_dir, exist_ok=True)
 
   counts = {s: {"images": 0, "refs": 0, "sentences": 0} for s in splits}
-  stats = {"grayscale_images": 0, "position_sentences": 0, "multi_polygon_annotations": 0,
-           "rle_string_annotations": 0, "rle_list_annotations": 0}
+  stats = {
+    "grayscale_images": 0,
+    "position_sentences": 0,
+    "multi_polygon_annotations": 0,
+    "rle_string_annotations": 0,
+    "rle_list_annotations": 0,
+  }
   images, annotations, refs = [], [], []
   next_ann_id, next_sent_id = 500000, 0
   split_of_image = [splits[0]] * num_train_images + [s for s in splits[1:] for _ in range(num_eval_images)]
@@ -308,8 +341,9 @@ def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_ev
     item = _generate_image(seed, index, image_id)
     with fileio.atomic_output(os.path.join(image_dir, image_file_name(image_id))) as tmp:
       item["image"].save(str(tmp), "JPEG", quality=90)
-    images.append({"id": image_id, "file_name": image_file_name(image_id), "height": item["height"],
-                   "width": item["width"]})
+    images.append(
+      {"id": image_id, "file_name": image_file_name(image_id), "height": item["height"], "width": item["width"]}
+    )
     counts[split]["images"] += 1
     stats["grayscale_images"] += item["grayscale"]
     for obj in item["objects"]:
@@ -320,9 +354,16 @@ def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_ev
       if kind != "polygon":
         stats[f"{kind}_annotations"] += 1
       rle = mask_utils.encode(np.asfortranarray(obj["mask"]))
-      annotations.append({"id": ann_id, "image_id": image_id, "category_id": SHAPES.index(obj["shape"]) + 1,
-                          "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                          "area": float(mask_utils.area(rle)), **_segmentation(obj, kind)})
+      annotations.append(
+        {
+          "id": ann_id,
+          "image_id": image_id,
+          "category_id": SHAPES.index(obj["shape"]) + 1,
+          "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+          "area": float(mask_utils.area(rle)),
+          **_segmentation(obj, kind),
+        }
+      )
       if not obj["sentences"]:
         continue  # No phrase singles this shape out: annotated, but not referred to.
       sentences = []
@@ -330,21 +371,38 @@ def generate(out_dir: str, *, seed: int = 0, num_train_images: int = 100, num_ev
         sentences.append({"sent_id": next_sent_id, "raw": raw, "sent": sent, "tokens": sent.split()})
         next_sent_id += 1
         stats["position_sentences"] += any(w in POSITION_WORDS for w in sent.split())
-      refs.append({"ref_id": len(refs), "ann_id": ann_id, "image_id": image_id,
-                   "category_id": SHAPES.index(obj["shape"]) + 1, "split": split,
-                   "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
-                   "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences})
+      refs.append(
+        {
+          "ref_id": len(refs),
+          "ann_id": ann_id,
+          "image_id": image_id,
+          "category_id": SHAPES.index(obj["shape"]) + 1,
+          "split": split,
+          "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+          "sent_ids": [s["sent_id"] for s in sentences],
+          "sentences": sentences,
+        }
+      )
       counts[split]["refs"] += 1
       counts[split]["sentences"] += len(sentences)
 
-  instances = {"images": images, "annotations": annotations,
-               "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]}
+  instances = {
+    "images": images,
+    "annotations": annotations,
+    "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)],
+  }
   refs_path = os.path.join(refer_dir, f"refs({split_by}).p")
   instances_path = os.path.join(refer_dir, "instances.json")
   fileio.atomic_write(refs_path, pickle.dumps(refs, protocol=2))
   fileio.atomic_write(instances_path, json.dumps(instances))
-  return {"refs_file": refs_path, "instances_file": instances_path, "image_dir": image_dir,
-          "seed": seed, "splits": counts, **stats}
+  return {
+    "refs_file": refs_path,
+    "instances_file": instances_path,
+    "image_dir": image_dir,
+    "seed": seed,
+    "splits": counts,
+    **stats,
+  }
 
 
 def define_flags() -> None:
@@ -361,16 +419,20 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   del argv  # Checked by cli.run.
   args = flags.FLAGS
-  summary = generate(args.out, seed=args.seed, num_train_images=args.num_train_images,
-                     num_eval_images=args.num_eval_images, dataset=args.dataset, split_by=args.split_by)
+  summary = generate(
+    args.out,
+    seed=args.seed,
+    num_train_images=args.num_train_images,
+    num_eval_images=args.num_eval_images,
+    dataset=args.dataset,
+    split_by=args.split_by,
+  )
   print(json.dumps(summary, indent=2))
 
 
 def run() -> None:
   """Command-line entry point (python -m input_pipeline.synthetic --out=DIR)."""
-  if "num_eval_images" not in flags.FLAGS:
-    define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 `--write_fake=N` first writes N COCO-sized records (random 640×~480 JPEGs of smooth multi-scale noise, so the
 JPEG decode costs about what a photo's does) as split `--split` of DIR, for measuring without the real data.
 """
+
 import io
 import os
 import time
@@ -31,8 +32,7 @@ def _photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray
   image = np.full((height, width, 3), 128.0)
   for cells, amplitude in ((4, 60.0), (16, 30.0), (64, 15.0), (256, 20.0)):
     grid = rng.normal(0, amplitude, size=(max(2, cells * height // width), cells, 3)).astype(np.float32)
-    channels = [np.asarray(Image.fromarray(grid[..., c]).resize((width, height), Image.BILINEAR))
-                for c in range(3)]
+    channels = [np.asarray(Image.fromarray(grid[..., c]).resize((width, height), Image.BILINEAR)) for c in range(3)]
     image += np.stack(channels, -1)
   image += rng.normal(0, 10.0, size=image.shape)  # ~135 KB per 640×480 JPEG; COCO's average is ~160.
   return np.clip(image, 0, 255).astype(np.uint8)
@@ -54,12 +54,21 @@ def _fake_record(rng: np.random.Generator, ref_id: int) -> Tuple[bytes, int]:
   tokens = np.zeros((num_sentences, records.STORED_CONTEXT_LENGTH), np.int64)
   for row in tokens:
     words = int(rng.integers(2, 15))
-    row[:words + 2] = [SOT_TOKEN, *rng.integers(1, 49405, size=words), EOT_TOKEN]
+    row[: words + 2] = [SOT_TOKEN, *rng.integers(1, 49405, size=words), EOT_TOKEN]
   record = records.make_example(
-      image=jpeg.getvalue(), height=height, width=width, mask_png=png.getvalue(), ref_id=ref_id, ann_id=ref_id,
-      image_id=ref_id, category_id=1, bbox=[cx - radius, cy - radius, 2 * radius, 2 * radius],
-      sents=["a sentence"] * num_sentences, sent_ids=[ref_id * 10 + k for k in range(num_sentences)],
-      tokens=tokens)
+    image=jpeg.getvalue(),
+    height=height,
+    width=width,
+    mask_png=png.getvalue(),
+    ref_id=ref_id,
+    ann_id=ref_id,
+    image_id=ref_id,
+    category_id=1,
+    bbox=[cx - radius, cy - radius, 2 * radius, 2 * radius],
+    sents=["a sentence"] * num_sentences,
+    sent_ids=[ref_id * 10 + k for k in range(num_sentences)],
+    tokens=tokens,
+  )
   return record, num_sentences
 
 
@@ -76,17 +85,39 @@ def write_fake(data_dir: str, split: str, num_records: int, seed: int = 0, shard
         record, count = _fake_record(rng, ref_id)
         writer.write(record)
         sentences += count
-  summary = {"dataset": "fake", "split_by": "none", "context_length": records.STORED_CONTEXT_LENGTH,
-             "splits": {split: {"refs": num_records, "sentences": sentences, "shards": num_shards}}}
+  summary = {
+    "dataset": "fake",
+    "split_by": "none",
+    "context_length": records.STORED_CONTEXT_LENGTH,
+    "splits": {split: {"refs": num_records, "sentences": sentences, "shards": num_shards}},
+  }
   fileio.write_json(os.path.join(data_dir, records.SUMMARY_FILE), summary)
 
 
-def measure(data_dir: str, split: str, *, image_size: int, context_length: int, batch_size: int, steps: int,
-            warmup_steps: int, threads: int, shuffle_buffer: int, seed: int = 0) -> Dict[str, float]:
+def measure(
+  data_dir: str,
+  split: str,
+  *,
+  image_size: int,
+  context_length: int,
+  batch_size: int,
+  steps: int,
+  warmup_steps: int,
+  threads: int,
+  shuffle_buffer: int,
+  seed: int = 0,
+) -> Dict[str, float]:
   """Training examples/s after `warmup_steps` batches (which fill the shuffle buffer and start the threads)."""
   iterator = pipeline.train_iterator(
-      data_dir, split, image_size=image_size, context_length=context_length, batch_size=batch_size, seed=seed,
-      shuffle_buffer=shuffle_buffer, threads=threads)
+    data_dir,
+    split,
+    image_size=image_size,
+    context_length=context_length,
+    batch_size=batch_size,
+    seed=seed,
+    shuffle_buffer=shuffle_buffer,
+    threads=threads,
+  )
   for _ in range(warmup_steps):
     next(iterator)
   start, start_cpu = time.perf_counter(), time.process_time()
@@ -97,9 +128,13 @@ def measure(data_dir: str, split: str, *, image_size: int, context_length: int, 
   examples = steps * batch_size
   cores = threads or len(os.sched_getaffinity(0))
   # examples per CPU-second (all threads of this process) is what one core gives when the host is shared.
-  return {"examples_per_s": examples / seconds, "cores": cores,
-          "examples_per_s_per_core": examples / seconds / cores, "examples_per_cpu_s": examples / cpu_seconds,
-          "seconds": seconds}
+  return {
+    "examples_per_s": examples / seconds,
+    "cores": cores,
+    "examples_per_s_per_core": examples / seconds / cores,
+    "examples_per_cpu_s": examples / cpu_seconds,
+    "seconds": seconds,
+  }
 
 
 def define_flags() -> None:
@@ -122,20 +157,28 @@ def main(argv: Sequence[str]) -> None:
   args = flags.FLAGS
   if args.write_fake:
     write_fake(args.data_dir, args.split, args.write_fake)
-  result = measure(args.data_dir, args.split, image_size=args.image_size, context_length=args.context_length,
-                   batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
-                   threads=args.threads, shuffle_buffer=args.shuffle_buffer)
-  print(f"{result['examples_per_s']:.1f} examples/s on {result['cores']} core(s) = "
-        f"{result['examples_per_s_per_core']:.1f} per core ({args.steps} batches of {args.batch_size} at "
-        f"{args.image_size}×{args.image_size}, after {args.warmup_steps} warm-up batches); "
-        f"{result['examples_per_cpu_s']:.1f} examples per CPU-second of this process")
+  result = measure(
+    args.data_dir,
+    args.split,
+    image_size=args.image_size,
+    context_length=args.context_length,
+    batch_size=args.batch_size,
+    steps=args.steps,
+    warmup_steps=args.warmup_steps,
+    threads=args.threads,
+    shuffle_buffer=args.shuffle_buffer,
+  )
+  print(
+    f"{result['examples_per_s']:.1f} examples/s on {result['cores']} core(s) = "
+    f"{result['examples_per_s_per_core']:.1f} per core ({args.steps} batches of {args.batch_size} at "
+    f"{args.image_size}×{args.image_size}, after {args.warmup_steps} warm-up batches); "
+    f"{result['examples_per_cpu_s']:.1f} examples per CPU-second of this process"
+  )
 
 
 def run() -> None:
   """The `fcnet-throughput` entry point."""
-  if "write_fake" not in flags.FLAGS:
-    define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ The tests are dominated by XLA compile time on a 2-core CI machine. Many tests c
 tiny model's init, forward and gradient) through different Python callables; the persistent compilation cache
 turns every repeat into a cache hit, within a run and across pytest-xdist workers and subprocesses.
 """
+
 import os
 import sys
 import tempfile

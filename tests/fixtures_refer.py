@@ -3,6 +3,7 @@
 Import the fixtures into a test module (`from fixtures_refer import synthetic_root`) to use them there; a
 module-scoped fixture then generates its dataset once per test module.
 """
+
 import contextlib
 import io
 import json
@@ -85,5 +86,6 @@ def decode_png(data: bytes) -> np.ndarray:
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
   """Runs `python -m <module> <args>` from the repository root, as a user would; text stdout and stderr."""
   env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
+  )

@@ -9,6 +9,7 @@ Layouts: images are NHWC; a Flax `Conv` kernel is kh×kw×C_in×C_out; a `DenseG
 kernel is D×heads×head_dim (the output projection heads×head_dim×D). The references reshape those kernels to
 plain matrices and split the heads themselves, using the head count of the config.
 """
+
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -40,7 +41,7 @@ def conv2d(x: np.ndarray, kernel: np.ndarray, bias: Optional[np.ndarray] = None)
   out = np.zeros((b, h, w, kernel.shape[-1]))
   for dy in range(k):
     for dx in range(k):
-      out += np.einsum("bhwc,cd->bhwd", padded[:, dy:dy + h, dx:dx + w], kernel[dy, dx])
+      out += np.einsum("bhwc,cd->bhwd", padded[:, dy : dy + h, dx : dx + w], kernel[dy, dx])
   return out if bias is None else out + bias
 
 
@@ -71,6 +72,7 @@ def upsample2x(x: np.ndarray, align_corners: bool = False) -> np.ndarray:
   (clamped to the last pixel) with the fractional part as the weight of the second. `align_corners=True` (source
   o·(n − 1)/(2n − 1)) is the other convention, for showing that the tests tell them apart.
   """
+
   def taps(size):
     if align_corners:
       src = np.arange(2 * size) * (size - 1) / (2 * size - 1)
@@ -89,7 +91,7 @@ def upsample2x(x: np.ndarray, align_corners: bool = False) -> np.ndarray:
 
 def avg_pool2x2(x: np.ndarray) -> np.ndarray:
   b, h, w, c = x.shape
-  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -97,13 +99,21 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
   return shifted / shifted.sum(axis=axis, keepdims=True)
 
 
-def attention(params: Tree, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, num_heads: int,
-              key_mask: Optional[np.ndarray] = None, query_pos: Optional[np.ndarray] = None,
-              key_pos: Optional[np.ndarray] = None) -> np.ndarray:
+def attention(
+  params: Tree,
+  queries: np.ndarray,
+  keys: np.ndarray,
+  values: np.ndarray,
+  num_heads: int,
+  key_mask: Optional[np.ndarray] = None,
+  query_pos: Optional[np.ndarray] = None,
+  key_pos: Optional[np.ndarray] = None,
+) -> np.ndarray:
   """Multi-head attention (PyTorch `nn.MultiheadAttention` semantics), B×T×D_q, B×S×D_k → B×T×D_out.
 
   Positional encodings go into the q and k projections only; key_mask B×S is True where a key may be attended.
   """
+
   def project(x, p):
     kernel = p["kernel"].reshape(p["kernel"].shape[0], -1)  # D_in × (heads · head_dim).
     y = x @ kernel + p["bias"].reshape(-1)
@@ -156,8 +166,9 @@ def vision_neck(params: Tree, stats: Tree, f_v2: np.ndarray, f_v3: np.ndarray, f
   return cbr("out_conv", cbr("coord_conv", np.concatenate([f_m, coords], axis=-1)))
 
 
-def emphasis_generation(params: Tree, stats: Tree, f_v: np.ndarray, f_t: np.ndarray, text_mask: np.ndarray,
-                        num_heads: int, layernorm: bool) -> np.ndarray:
+def emphasis_generation(
+  params: Tree, stats: Tree, f_v: np.ndarray, f_t: np.ndarray, text_mask: np.ndarray, num_heads: int, layernorm: bool
+) -> np.ndarray:
   """Eq. 4: F_vk = 3×3 conv C → N_k; its N_k channels (each flattened over H_v·W_v) query the words → F_e."""
   f_vk = conv_bn_relu(f_v, params["key_vision"], stats["key_vision"])
   b, h, w, n_k = f_vk.shape
@@ -166,8 +177,9 @@ def emphasis_generation(params: Tree, stats: Tree, f_v: np.ndarray, f_t: np.ndar
   return layer_norm(f_e, params["norm"]) if layernorm else f_e
 
 
-def emphasis_calibration(params: Tree, f_e: np.ndarray, f_tg: np.ndarray, num_heads: int, gate: str
-                         ) -> Tuple[np.ndarray, np.ndarray]:
+def emphasis_calibration(
+  params: Tree, f_e: np.ndarray, f_tg: np.ndarray, num_heads: int, gate: str
+) -> Tuple[np.ndarray, np.ndarray]:
   """Sec. 3.3: α = Linear(MHSA([F_e, tile(F_tg)])); F_c = F_e + gate(α) ⊙ F_e. Returns (F_c, gated α)."""
   joint = np.concatenate([f_e, np.repeat(f_tg[:, None, :], f_e.shape[1], axis=1)], axis=-1)
   joint = attention(params["self_attn"], joint, joint, joint, num_heads)
@@ -181,8 +193,9 @@ def emphasis_calibration(params: Tree, f_e: np.ndarray, f_tg: np.ndarray, num_he
   return f_e + alpha[..., None] * f_e, alpha
 
 
-def decoder_layer(params: Tree, x: np.ndarray, memory: np.ndarray, memory_mask: Optional[np.ndarray],
-                  pos: np.ndarray, num_heads: int) -> np.ndarray:
+def decoder_layer(
+  params: Tree, x: np.ndarray, memory: np.ndarray, memory_mask: Optional[np.ndarray], pos: np.ndarray, num_heads: int
+) -> np.ndarray:
   """Eq. 5, pre-LN, inference (no dropout); `pos` (H·W×C) goes into the pixel queries and keys only."""
   y = layer_norm(x, params["norm1"])
   x = x + attention(params["self_attn"], y, y, y, num_heads, query_pos=pos, key_pos=pos)
@@ -192,8 +205,9 @@ def decoder_layer(params: Tree, x: np.ndarray, memory: np.ndarray, memory_mask: 
   return x + dense(y, params["ffn_out"])
 
 
-def decoder(params: Tree, f_v: np.ndarray, memory: np.ndarray, memory_mask: Optional[np.ndarray],
-            num_layers: int, num_heads: int) -> np.ndarray:
+def decoder(
+  params: Tree, f_v: np.ndarray, memory: np.ndarray, memory_mask: Optional[np.ndarray], num_layers: int, num_heads: int
+) -> np.ndarray:
   """`num_layers` decoder layers over the H_v·W_v pixel tokens, then the final LayerNorm; B×H_v×W_v×C."""
   b, h, w, c = f_v.shape
   pos = sine_encoding_2d(h, w, c)
@@ -213,9 +227,16 @@ def mask_head(params: Tree, stats: Tree, x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ FCNet
 
 
-def fuse(variables: Tree, cfg: Mapping[str, Any], f_v2: np.ndarray, f_v3: np.ndarray, f_v4: np.ndarray,
-         f_t: np.ndarray, eos: np.ndarray, padding_mask: np.ndarray
-         ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def fuse(
+  variables: Tree,
+  cfg: Mapping[str, Any],
+  f_v2: np.ndarray,
+  f_v3: np.ndarray,
+  f_v4: np.ndarray,
+  f_t: np.ndarray,
+  eos: np.ndarray,
+  padding_mask: np.ndarray,
+) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
   """Neck → EGM → ECM (or the no-EGM word projection): (F_v, memory, memory mask or None).
 
   `cfg` holds the config.model fields use_egm, use_ecm, egm_layernorm, egm_heads, attention_heads and
@@ -226,17 +247,26 @@ def fuse(variables: Tree, cfg: Mapping[str, Any], f_v2: np.ndarray, f_v3: np.nda
   f_v = vision_neck(params["neck"], stats["neck"], f_v2, f_v3, f_v4)
   if not cfg["use_egm"]:
     return f_v, dense(f_t, params["word_proj"]), text_mask
-  memory = emphasis_generation(params["emphasis_generation"], stats["emphasis_generation"], f_v, f_t, text_mask,
-                               cfg["egm_heads"] or cfg["attention_heads"], cfg["egm_layernorm"])
+  memory = emphasis_generation(
+    params["emphasis_generation"],
+    stats["emphasis_generation"],
+    f_v,
+    f_t,
+    text_mask,
+    cfg["egm_heads"] or cfg["attention_heads"],
+    cfg["egm_layernorm"],
+  )
   if cfg["use_ecm"]:
     f_tg = dense(eos, params["text_global_proj"])
-    memory, _ = emphasis_calibration(params["emphasis_calibration"], memory, f_tg, cfg["attention_heads"],
-                                     cfg["calibration_gate"])
+    memory, _ = emphasis_calibration(
+      params["emphasis_calibration"], memory, f_tg, cfg["attention_heads"], cfg["calibration_gate"]
+    )
   return f_v, memory, None
 
 
-def decode(variables: Tree, cfg: Mapping[str, Any], f_v: np.ndarray, memory: np.ndarray,
-           memory_mask: Optional[np.ndarray]) -> np.ndarray:
+def decode(
+  variables: Tree, cfg: Mapping[str, Any], f_v: np.ndarray, memory: np.ndarray, memory_mask: Optional[np.ndarray]
+) -> np.ndarray:
   """Decoder + mask head: B×S/4×S/4 logits. `cfg` needs decoder_layers and attention_heads."""
   params, stats = variables["params"], variables["batch_stats"]
   f_q = decoder(params["decoder"], f_v, memory, memory_mask, cfg["decoder_layers"], cfg["attention_heads"])
@@ -246,5 +276,9 @@ def decode(variables: Tree, cfg: Mapping[str, Any], f_v: np.ndarray, memory: np.
 def forward(variables: Tree, cfg: Mapping[str, Any], *inputs: np.ndarray) -> Dict[str, Any]:
   """`fuse` then `decode`: {"f_v", "memory", "memory_mask", "logits"}."""
   f_v, memory, memory_mask = fuse(variables, cfg, *inputs)
-  return {"f_v": f_v, "memory": memory, "memory_mask": memory_mask,
-          "logits": decode(variables, cfg, f_v, memory, memory_mask)}
+  return {
+    "f_v": f_v,
+    "memory": memory,
+    "memory_mask": memory_mask,
+    "logits": decode(variables, cfg, f_v, memory, memory_mask),
+  }

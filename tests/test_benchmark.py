@@ -7,6 +7,7 @@ matmul stack, XLA's own cost analysis of the train step (≈ 3× forward), XLA's
 (the donated state), the full forward pass for the separately jitted stages, and `time.sleep` for the clocks.
 The HLO parser is checked on a hand-written GPU-style module with known counts.
 """
+
 import dataclasses
 import json
 import os
@@ -62,8 +63,9 @@ def text_encoder_parameters(vocab_size, context_length, width, layers, embed_dim
   """CLIP's text transformer counted by hand: token and positional embeddings; per layer two LayerNorms
   (2·W each), q/k/v and output projections (4·(W² + W)), the MLP W → 4W → W (8·W² + 5·W); the final LayerNorm
   and the projection to the joint space (W × E, no bias)."""
-  per_layer = 2 * 2 * width + 4 * (width * width + width) + (width * 4 * width + 4 * width) + (4 * width * width
-                                                                                                + width)
+  per_layer = (
+    2 * 2 * width + 4 * (width * width + width) + (width * 4 * width + 4 * width) + (4 * width * width + width)
+  )
   return vocab_size * width + context_length * width + layers * per_layer + 2 * width + width * embed_dim
 
 
@@ -78,14 +80,30 @@ def tiny_run(tmp_path_factory):
   env = _env_without_tensorflow(tmp_path)
   hidden = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
   out = tmp_path / "r.json"
-  command = [sys.executable, "-m", "fcnet_jax.tools.benchmark", "--config=configs/tiny.py", f"--out={out}",
-             "--sections=train,infer,matmul,stages", "--repeats=3", "--calls_per_repeat=2", "--latency_repeats=5",
-             "--warmup=1", "--hlo_report", f"--profile_dir={tmp_path / 'profile'}", "--profile_steps=1"]
+  command = [
+    sys.executable,
+    "-m",
+    "fcnet_jax.tools.benchmark",
+    "--config=configs/tiny.py",
+    f"--out={out}",
+    "--sections=train,infer,matmul,stages",
+    "--repeats=3",
+    "--calls_per_repeat=2",
+    "--latency_repeats=5",
+    "--warmup=1",
+    "--hlo_report",
+    f"--profile_dir={tmp_path / 'profile'}",
+    "--profile_steps=1",
+  ]
   heads = [_git_head()]
   process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   heads.append(_git_head())  # Someone may commit while the benchmark runs.
-  return {"hidden": hidden, "process": process, "results": json.loads(out.read_text()) if out.exists() else None,
-          "heads": heads}
+  return {
+    "hidden": hidden,
+    "process": process,
+    "results": json.loads(out.read_text()) if out.exists() else None,
+    "heads": heads,
+  }
 
 
 def _git_head():
@@ -159,7 +177,8 @@ def test_stages_compose_to_the_full_forward(tiny_run):
   assert infer["max_abs_diff_vs_full"] < 1e-5  # float32: the chained stages are the forward pass.
   # The stages' FLOPs (each lowered on its own) add up to the whole forward pass (the sigmoid aside).
   assert infer["forward_gflops_sum"] == pytest.approx(
-      results["model"]["forward_gflops_per_image"] * report_["global_batch"], rel=0.01)
+    results["model"]["forward_gflops_per_image"] * report_["global_batch"], rel=0.01
+  )
   assert all(r["ms"] > 0 for r in infer["stages"].values())
 
 
@@ -182,17 +201,28 @@ def test_hlo_and_profile_diagnostics(tiny_run):
 
 def test_bad_flag_is_one_clear_error(tmp_path):
   env = _env_without_tensorflow(tmp_path)
-  process = subprocess.run([sys.executable, "-m", "fcnet_jax.tools.benchmark", "--sections=speed"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  process = subprocess.run(
+    [sys.executable, "-m", "fcnet_jax.tools.benchmark", "--sections=speed"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert process.returncode != 0
   assert "--sections='speed': unknown ['speed']" in process.stderr
   assert "Traceback" not in process.stderr
 
 
 def test_summary_cli_reports_the_hand_counted_parameters(tmp_path):
-  process = subprocess.run([sys.executable, "-m", "fcnet_jax.tools.summary", "--config=configs/tiny.py"],
-                           cwd=REPO, env=_env_without_tensorflow(tmp_path), capture_output=True, text=True,
-                           timeout=300)
+  process = subprocess.run(
+    [sys.executable, "-m", "fcnet_jax.tools.summary", "--config=configs/tiny.py"],
+    cwd=REPO,
+    env=_env_without_tensorflow(tmp_path),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert process.returncode == 0, process.stderr[-3000:]
   (millions,) = re.findall(r"^\s*text_encoder\s+([\d.]+) M$", process.stdout, re.MULTILINE)
   assert millions == f"{tiny_text_encoder_parameters() / 1e6:.3f}"
@@ -234,7 +264,7 @@ def test_matmul_peak_counts_2n3():
   peak = timing.measure_matmul_peak("float32", 64, repeats=2, calls_per_repeat=1, warmup=1)
   a = jnp.ones((64, 64))
   xla = summary.xla_flops(jax.jit(jnp.dot).lower(a, a))
-  assert xla == 2 * 64 ** 3
+  assert xla == 2 * 64**3
   assert peak["tflops"] * 1e12 * peak["median_s"] == pytest.approx(xla)
 
 
@@ -291,7 +321,7 @@ def test_hlo_report_on_a_known_module():
   assert report["f32_convs_and_matmuls"] == 1
   assert report["f32_examples"] == ["decoder/layer0/self_attn/dot_general"]
   assert report["transposes_top_level"] == 1 and report["copies_top_level"] == 1
-  assert report["transpose_copy_gib"] == pytest.approx(2 * 2 * 8 * 8 * 4 * 2 / 2 ** 30)
+  assert report["transpose_copy_gib"] == pytest.approx(2 * 2 * 8 * 8 * 4 * 2 / 2**30)
   assert report["attention_fused_kernels"] == 1
   assert report["attention_implementation"].startswith("cuDNN")
   assert report["host_transfers"] == ["custom-call xla_ffi_python_gpu_callback jit(train_step)/debug_callback"]
@@ -313,8 +343,12 @@ def test_hlo_report_on_a_lowered_jax_function():
     logits = jnp.einsum("td,sd->ts", a, b, preferred_element_type=jnp.float32)  # f32 in a bf16 program.
     return x + 1, y.transpose(0, 3, 1, 2), logits
 
-  args = (jnp.ones((2, 8, 8, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 4), jnp.bfloat16),
-          jnp.ones((4, 16), jnp.bfloat16), jnp.ones((5, 16), jnp.bfloat16))
+  args = (
+    jnp.ones((2, 8, 8, 3), jnp.bfloat16),
+    jnp.ones((3, 3, 3, 4), jnp.bfloat16),
+    jnp.ones((4, 16), jnp.bfloat16),
+    jnp.ones((5, 16), jnp.bfloat16),
+  )
   lowered = jax.jit(step, donate_argnums=(0,)).lower(*args)
   report = hlo.hlo_report(lowered.as_text(dialect="hlo", debug_info=True), expect_dtype="bfloat16")
   assert report["convolutions"] == 1
@@ -348,8 +382,7 @@ def test_summarize_profile_of_a_cpu_trace(tmp_path):
   result = profile.summarize_profile(str(tmp_path), steps=2)
   assert result["source"] == "/host:CPU"
   assert result["total_ms"] > 0 and result["per_step_ms"] == pytest.approx(result["total_ms"] / 2)
-  assert result["top_ops"] and sum(result["categories_ms_per_step"].values()) == pytest.approx(
-      result["per_step_ms"])
+  assert result["top_ops"] and sum(result["categories_ms_per_step"].values()) == pytest.approx(result["per_step_ms"])
 
 
 def test_time_calls_measures_wall_time():
@@ -409,7 +442,7 @@ def test_synthetic_batch_looks_like_the_pipeline():
   assert tokens.dtype == np.int32 and tokens.shape == (4, 8)
   for row in tokens:
     end = int(np.argmax(row == tokenizer.EOT_TOKEN))
-    assert row[0] == tokenizer.SOT_TOKEN and 1 < end < 8 and (row[1:end] > 0).all() and (row[end + 1:] == 0).all()
+    assert row[0] == tokenizer.SOT_TOKEN and 1 < end < 8 and (row[1:end] > 0).all() and (row[end + 1 :] == 0).all()
     assert np.argmax(row) == end  # CLIP finds [EOS] as the largest id.
   assert batch["valid"].all()
 
@@ -429,11 +462,14 @@ def test_random_variables_shapes_and_scales():
   assert kernel.std() == pytest.approx(1 / np.sqrt(np.prod(kernel.shape[:-1])), rel=0.1)
 
 
-@pytest.mark.parametrize("overrides, fuse_modules", [
+@pytest.mark.parametrize(
+  "overrides, fuse_modules",
+  [
     ({}, {"neck", "emphasis_generation", "text_global_proj", "emphasis_calibration"}),
     ({"use_ecm": False}, {"neck", "emphasis_generation"}),
     ({"use_egm": False}, {"neck", "word_proj"}),
-])
+  ],
+)
 def test_each_parameter_belongs_to_one_stage(overrides, fuse_modules):
   model_config = tiny.get_config().model.to_dict()
   model_config.update(overrides)
@@ -447,8 +483,12 @@ def test_each_parameter_belongs_to_one_stage(overrides, fuse_modules):
     owned[name] = set(stages.stage_parameters(model, name, args))
     shapes = jax.eval_shape(stages.stage_forward_fn(model, name), variables, *args)
     outputs[name] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  assert owned == {"encode_image": {"image_encoder"}, "encode_text": {"text_encoder"}, "fuse": fuse_modules,
-                   "decode": {"decoder", "mask_head"}}
+  assert owned == {
+    "encode_image": {"image_encoder"},
+    "encode_text": {"text_encoder"},
+    "fuse": fuse_modules,
+    "decode": {"decoder", "mask_head"},
+  }
   assert set().union(*owned.values()) == set(variables["params"])
 
 
@@ -461,19 +501,29 @@ def test_stage_train_fn_gives_the_decode_gradients():
   memory = jax.random.normal(key_m, (2, model.num_emphasis, model.hidden_dim))
   rng, cotangent_key = jax.random.key(2), jax.random.key(3)
   param_grads, (f_v_grad, memory_grad) = jax.jit(stages.stage_train_fn(model, "decode"))(
-      variables, rng, cotangent_key, f_v, memory, None)
+    variables, rng, cotangent_key, f_v, memory, None
+  )
   assert set(param_grads) == {"decoder", "mask_head"}  # Only the stage's own parameters are differentiated.
 
   def decode(params, f_v, memory):
-    out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, f_v, memory, None,
-                         train=True, method=fcnet.FCNet.decode, mutable=["batch_stats"], rngs={"dropout": rng})
+    out, _ = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      f_v,
+      memory,
+      None,
+      train=True,
+      method=fcnet.FCNet.decode,
+      mutable=["batch_stats"],
+      rngs={"dropout": rng},
+    )
     return out
 
   out = jax.eval_shape(decode, variables["params"], f_v, memory)
   (cotangent_key,) = jax.random.split(cotangent_key, 1)
   cotangent = jax.random.normal(cotangent_key, out.shape, out.dtype)
-  want_params, want_f_v, want_memory = jax.jit(jax.grad(
-      lambda p, a, b: jnp.sum(decode(p, a, b) * cotangent), argnums=(0, 1, 2)))(variables["params"], f_v, memory)
+  want_params, want_f_v, want_memory = jax.jit(
+    jax.grad(lambda p, a, b: jnp.sum(decode(p, a, b) * cotangent), argnums=(0, 1, 2))
+  )(variables["params"], f_v, memory)
   np.testing.assert_allclose(f_v_grad, want_f_v, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(memory_grad, want_memory, rtol=1e-4, atol=1e-5)
   for module in ("decoder", "mask_head"):
@@ -483,11 +533,14 @@ def test_stage_train_fn_gives_the_decode_gradients():
 
 def test_check_targets():
   results = {
-      "train": [{"dtype": "bfloat16", "per_device_batch": 32, "images_per_s": 320.0,
-                 "memory": {"peak_bytes_in_use": 30 * 2 ** 30}},
-                {"dtype": "bfloat16", "per_device_batch": 8, "images_per_s": 100.0, "memory": {}}],
-      "inference": [{"dtype": "float32", "per_device_batch": 1, "latency_ms_median": 9.0},
-                    {"dtype": "bfloat16", "per_device_batch": 1, "latency_ms_median": 5.5}],
+    "train": [
+      {"dtype": "bfloat16", "per_device_batch": 32, "images_per_s": 320.0, "memory": {"peak_bytes_in_use": 30 * 2**30}},
+      {"dtype": "bfloat16", "per_device_batch": 8, "images_per_s": 100.0, "memory": {}},
+    ],
+    "inference": [
+      {"dtype": "float32", "per_device_batch": 1, "latency_ms_median": 9.0},
+      {"dtype": "bfloat16", "per_device_batch": 1, "latency_ms_median": 5.5},
+    ],
   }
   checks = {(c["section"], c["per_device_batch"], c["field"]): c for c in report.check_targets(results)}
   assert checks[("train", 32, "images_per_s")]["met"] is True

@@ -4,6 +4,7 @@ References are independent of the converter: ref counts from the refs pickle, ma
 (`COCO.annToMask`), image bytes from the files, token ids from `fcnet_jax.tokenizer.tokenize`, decoded images
 from TensorFlow / PIL.
 """
+
 import io
 import json
 import math
@@ -87,11 +88,17 @@ def test_summary_counts_match_refs(synthetic_root, converted):
   for split in ALL_SPLITS:
     refs = _refs_of(synthetic_root, split)
     entry = summary["splits"][split]
-    assert entry == {"refs": len(refs), "sentences": sum(len(r["sentences"]) for r in refs),
-                     "shards": math.ceil(len(refs) / SHARD_SIZE), "skipped_refs": 0, "reencoded_refs": 0}
+    assert entry == {
+      "refs": len(refs),
+      "sentences": sum(len(r["sentences"]) for r in refs),
+      "shards": math.ceil(len(refs) / SHARD_SIZE),
+      "skipped_refs": 0,
+      "reencoded_refs": 0,
+    }
     paths = shard_paths(os.path.join(out, split))
-    assert [os.path.basename(p) for p in paths] == [records.shard_name(split, i, entry["shards"])
-                                                    for i in range(entry["shards"])]
+    assert [os.path.basename(p) for p in paths] == [
+      records.shard_name(split, i, entry["shards"]) for i in range(entry["shards"])
+    ]
     assert sum(1 for p in paths for _ in tf.data.TFRecordDataset(p)) == len(refs)
   assert not [n for _, _, files in os.walk(out) for n in files if n.startswith(".")]  # No temporary files left.
 
@@ -112,7 +119,10 @@ def test_records_equal_their_sources(synthetic_root, converted):
       ann, image = anns[ref["ann_id"]], images[ref["image_id"]]
       kinds.add("polygons" if isinstance(ann["segmentation"], list) else type(ann["segmentation"]["counts"]))
       assert (record["ann_id"], record["image_id"], record["category_id"]) == (
-          ref["ann_id"], ref["image_id"], ref["category_id"])
+        ref["ann_id"],
+        ref["image_id"],
+        ref["category_id"],
+      )
       assert (record["image/height"], record["image/width"]) == (image["height"], image["width"])
       np.testing.assert_array_equal(record["bbox"], np.float32(ann["bbox"]))
       with open(os.path.join(synthetic_root, "images", "train2014", image["file_name"]), "rb") as f:
@@ -124,8 +134,7 @@ def test_records_equal_their_sources(synthetic_root, converted):
       sents = [s["sent"] for s in ref["sentences"]]
       assert [s.decode() for s in record["sentences/sent"]] == sents
       assert record["sentences/sent_id"].tolist() == [s["sent_id"] for s in ref["sentences"]]
-      np.testing.assert_array_equal(record["sentences/tokens"].reshape(len(sents), 77),
-                                    tokenizer.tokenize(sents, 77))
+      np.testing.assert_array_equal(record["sentences/tokens"].reshape(len(sents), 77), tokenizer.tokenize(sents, 77))
   assert kinds == {"polygons", str, list}  # Polygon lists, compressed and uncompressed RLE all went through.
 
 
@@ -144,9 +153,11 @@ def test_grayscale_cmyk_exif_and_undecodable_formats(synthetic_root, images_copy
   colour = _val_images(synthetic_root, "RGB")
   assert gray and len(colour) >= 3
   cmyk, rotated, tiff = colour[:3]
-  for info, save in ((cmyk, lambda im, p: im.convert("CMYK").save(p, "JPEG", quality=95)),
-                     (rotated, lambda im, p: im.save(p, "JPEG", quality=95, exif=_orientation(6))),
-                     (tiff, lambda im, p: im.save(p, "TIFF"))):  # TIFF under a .jpg name: TF cannot decode it.
+  for info, save in (
+    (cmyk, lambda im, p: im.convert("CMYK").save(p, "JPEG", quality=95)),
+    (rotated, lambda im, p: im.save(p, "JPEG", quality=95, exif=_orientation(6))),
+    (tiff, lambda im, p: im.save(p, "TIFF")),
+  ):  # TIFF under a .jpg name: TF cannot decode it.
     path = os.path.join(images_copy, info["file_name"])
     with Image.open(path) as image:
       image = image.convert("RGB")
@@ -187,7 +198,7 @@ def test_truncated_and_missing_images_fail_naming_the_file(synthetic_root, image
   with open(truncated, "rb") as f:
     data = f.read()
   with open(truncated, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   with pytest.raises(refer.BadImageError, match=f"{re.escape(truncated)} is corrupt or truncated"):
     _convert(synthetic_root, tmp_path / "a", images=images_copy, splits=["val"])
   assert not os.path.exists(tmp_path / "a" / records.SUMMARY_FILE)
@@ -291,8 +302,9 @@ def test_splits_converted_separately_merge_into_one_summary(synthetic_root, tmp_
   shutil.copy(os.path.join(synthetic_root, "refcoco", "instances.json"), google_root / "refcoco")
   shutil.copy(os.path.join(synthetic_root, "refcoco", "refs(unc).p"), google_root / "refcoco" / "refs(google).p")
   with pytest.raises(ValueError, match=f"{re.escape(str(out / records.SUMMARY_FILE))} has split_by='unc'"):
-    convert.convert(str(google_root), os.path.join(synthetic_root, "images"), "refcoco", "google", str(out),
-                    splits=["val"])
+    convert.convert(
+      str(google_root), os.path.join(synthetic_root, "images"), "refcoco", "google", str(out), splits=["val"]
+    )
 
 
 def test_every_dataset_and_split_by(tmp_path):
@@ -300,17 +312,16 @@ def test_every_dataset_and_split_by(tmp_path):
   for (dataset, split_by), splits in refer.SPLITS.items():
     synthetic.generate(root, num_train_images=2, num_eval_images=1, dataset=dataset, split_by=split_by)
     out = str(tmp_path / f"{dataset}_{split_by}")
-    summary = convert.convert(root, os.path.join(root, "images", "train2014"), dataset, split_by, out,
-                              num_workers=1)
+    summary = convert.convert(root, os.path.join(root, "images", "train2014"), dataset, split_by, out, num_workers=1)
     refs = load_refs(root, dataset, split_by)
     assert tuple(summary["splits"]) == splits
     for split in splits:
       assert summary["splits"][split]["refs"] == sum(r["split"] == split for r in refs) > 0
-  synthetic.generate(root, num_train_images=2, num_eval_images=1, dataset="refcoco", split_by="google",
-                     splits=("train", "val"))
+  synthetic.generate(
+    root, num_train_images=2, num_eval_images=1, dataset="refcoco", split_by="google", splits=("train", "val")
+  )
   with pytest.raises(ValueError, match=r"refs\(google\)\.p has no refs of split\(s\) \['test'\]"):
-    convert.convert(root, os.path.join(root, "images"), "refcoco", "google", str(tmp_path / "x"),
-                    splits=["test"])
+    convert.convert(root, os.path.join(root, "images"), "refcoco", "google", str(tmp_path / "x"), splits=["test"])
 
 
 def test_a_spawned_worker_writes_the_same_shards(synthetic_root, tmp_path):
@@ -328,9 +339,17 @@ def test_command_line(synthetic_root, tmp_path):
   assert "pickle" in usage and "TFDS" in usage and "--shard_size" in usage, usage
   assert "pickle" in convert.__doc__ and "TFDS builder" in convert.__doc__
   out = tmp_path / "out"
-  done = run_module("input_pipeline.convert", f"--refer_root={synthetic_root}",
-                    f"--coco_images={synthetic_root}/images", "--dataset=refcoco", "--split_by=unc", f"--out={out}",
-                    "--splits=val,testB", "--num_workers=1", "--shard_size=64")
+  done = run_module(
+    "input_pipeline.convert",
+    f"--refer_root={synthetic_root}",
+    f"--coco_images={synthetic_root}/images",
+    "--dataset=refcoco",
+    "--split_by=unc",
+    f"--out={out}",
+    "--splits=val,testB",
+    "--num_workers=1",
+    "--shard_size=64",
+  )
   assert done.returncode == 0, done.stderr
   assert "Traceback" not in done.stderr
   summary = json.loads(done.stdout)
@@ -348,9 +367,17 @@ def test_command_line_corrupt_image_is_one_error_line(synthetic_root, images_cop
   path = os.path.join(images_copy, info["file_name"])
   with open(path, "r+b") as f:
     f.truncate(400)
-  done = run_module("input_pipeline.convert", f"--refer_root={synthetic_root}", f"--coco_images={images_copy}",
-                    "--dataset=refcoco", "--split_by=unc", f"--out={tmp_path / 'out'}", "--splits=val",
-                    "--num_workers=2", "--shard_size=1")
+  done = run_module(
+    "input_pipeline.convert",
+    f"--refer_root={synthetic_root}",
+    f"--coco_images={images_copy}",
+    "--dataset=refcoco",
+    "--split_by=unc",
+    f"--out={tmp_path / 'out'}",
+    "--splits=val",
+    "--num_workers=2",
+    "--shard_size=1",
+  )
   assert done.returncode != 0
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1, done.stderr
@@ -362,17 +389,21 @@ def test_command_line_corrupt_image_is_one_error_line(synthetic_root, images_cop
 def test_python2_pickles_with_utf8_byte_strings(tmp_path):
   # Python 2 pickled `str` as bytes (opcode U); refer files were written so. b"caf\xc3\xa9" is UTF-8 "café".
   path = tmp_path / "refs(unc).p"
-  path.write_bytes(b"\x80\x02]q\x00}q\x01(U\x06ref_idK\x07U\x06ann_idK\x01U\x08image_idK\x02U\x0bcategory_id"
-                   b"K\x03U\x05splitU\x05trainU\tsentences]q\x02}q\x03U\x04sentU\x05caf\xc3\xa9saua.")
+  path.write_bytes(
+    b"\x80\x02]q\x00}q\x01(U\x06ref_idK\x07U\x06ann_idK\x01U\x08image_idK\x02U\x0bcategory_id"
+    b"K\x03U\x05splitU\x05trainU\tsentences]q\x02}q\x03U\x04sentU\x05caf\xc3\xa9saua."
+  )
   refs = refer.load_refs(str(path))
-  assert refs == [{"ref_id": 7, "ann_id": 1, "image_id": 2, "category_id": 3, "split": "train",
-                   "sentences": [{"sent": "café"}]}]
+  assert refs == [
+    {"ref_id": 7, "ann_id": 1, "image_id": 2, "category_id": 3, "split": "train", "sentences": [{"sent": "café"}]}
+  ]
 
 
 def test_decode_annotation_mask_rejects_mismatched_rle():
   rle = {"size": [4, 5], "counts": [3, 2, 15]}
-  np.testing.assert_array_equal(refer.decode_annotation_mask(rle, 4, 5).reshape(-1, order="F"),
-                                [0] * 3 + [1] * 2 + [0] * 15)
+  np.testing.assert_array_equal(
+    refer.decode_annotation_mask(rle, 4, 5).reshape(-1, order="F"), [0] * 3 + [1] * 2 + [0] * 15
+  )
   with pytest.raises(ValueError, match=r"annotation 9: RLE size \[4, 5\] differs"):
     refer.decode_annotation_mask(rle, 5, 4, where="annotation 9")
   with pytest.raises(ValueError, match="empty segmentation"):

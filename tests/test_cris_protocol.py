@@ -7,6 +7,7 @@ border and INTER_LINEAR of the 0/255 mask (/255); at evaluation the H/4 sigmoid 
 thresholded > 0.35, IoU = I / (U + 1e-6). OpenCV 4.x (CRIS's era; OpenCV 5 no longer rounds warp coordinates
 to 1/32 pixel for float images) and PyTorch are test-only dependencies.
 """
+
 import cv2
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,22 @@ MEAN_BORDER = [0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255]  # CRIS's bo
 THRESHOLD = 0.35
 cris_inverse = jax.jit(letterbox.cris_inverse, static_argnums=(2, 3))
 # Extreme and ordinary aspect ratios, sides from 1 to the canvas.
-SIZES = [(160, 107), (107, 160), (125, 125), (160, 30), (25, 160), (3, 160), (160, 2), (1, 1), (160, 160),
-         (97, 131), (150, 149), (33, 47), (160, 9), (12, 159)]
+SIZES = [
+  (160, 107),
+  (107, 160),
+  (125, 125),
+  (160, 30),
+  (25, 160),
+  (3, 160),
+  (160, 2),
+  (1, 1),
+  (160, 160),
+  (97, 131),
+  (150, 149),
+  (33, 47),
+  (160, 9),
+  (12, 159),
+]
 
 
 def cris_matrices(height, width, size):
@@ -39,8 +54,11 @@ def cris_matrices(height, width, size):
 def cris_postprocess(prob, height, width, size):
   """CRIS `inference`: H/4 probabilities → original-size probabilities."""
   _, inverse = cris_matrices(height, width, size)
-  up = F.interpolate(torch.from_numpy(prob)[None, None], size=(size, size), mode="bicubic",
-                     align_corners=True).squeeze().numpy()
+  up = (
+    F.interpolate(torch.from_numpy(prob)[None, None], size=(size, size), mode="bicubic", align_corners=True)
+    .squeeze()
+    .numpy()
+  )
   return cv2.warpAffine(up, inverse, (width, height), flags=cv2.INTER_CUBIC, borderValue=0.0)
 
 
@@ -61,8 +79,12 @@ def test_torch_bicubic_matrix_matches_interpolate():
   rng = np.random.default_rng(0)
   for out_size, in_size in [(96, 24), (480, 120), (7, 3), (5, 1), (1, 4)]:
     x = rng.random((in_size, in_size), dtype=np.float32)
-    ref = F.interpolate(torch.from_numpy(x)[None, None], size=(out_size, out_size), mode="bicubic",
-                        align_corners=True).squeeze().numpy().reshape(out_size, out_size)
+    ref = (
+      F.interpolate(torch.from_numpy(x)[None, None], size=(out_size, out_size), mode="bicubic", align_corners=True)
+      .squeeze()
+      .numpy()
+      .reshape(out_size, out_size)
+    )
     m = letterbox.torch_bicubic_matrix(out_size, in_size)
     np.testing.assert_allclose(m @ x @ m.T, ref, atol=2e-6)
 
@@ -76,8 +98,9 @@ def test_postprocessing_matches_cris(size):
   for height, width in SIZES * 4:
     prob = smooth_probabilities(rng, pred_size)
     ref = cris_postprocess(prob, height, width, size)
-    ours = np.asarray(cris_inverse(jnp.asarray(prob)[None], jnp.asarray([[height, width]]), canvas,
-                                             size))[0, :height, :width]
+    ours = np.asarray(cris_inverse(jnp.asarray(prob)[None], jnp.asarray([[height, width]]), canvas, size))[
+      0, :height, :width
+    ]
     map_errors.append(np.abs(ours - ref).max())
     mask = ref > rng.uniform(0.2, 0.6)  # A ground truth near, not equal to, the prediction.
     mask ^= rng.random(mask.shape) < 0.02
@@ -94,8 +117,11 @@ def test_postprocessing_differs_from_jax_image_resize():
   """The a = −0.75 kernel matters: jax.image's bicubic (a = −0.5) differs from PyTorch's by far more than ours."""
   rng = np.random.default_rng(1)
   prob = smooth_probabilities(rng, 24)
-  ref = F.interpolate(torch.from_numpy(prob)[None, None], size=(96, 96), mode="bicubic",
-                      align_corners=True).squeeze().numpy()
+  ref = (
+    F.interpolate(torch.from_numpy(prob)[None, None], size=(96, 96), mode="bicubic", align_corners=True)
+    .squeeze()
+    .numpy()
+  )
   m = letterbox.torch_bicubic_matrix(96, 24)
   jax_resized = np.asarray(jax.image.resize(prob, (96, 96), "bicubic"))
   assert np.abs(m @ prob @ m.T - ref).max() < 1e-5 < 1e-2 < np.abs(jax_resized - ref).max()
@@ -112,8 +138,10 @@ def test_preprocessing_matches_warp_affine(size):
     mask = rng.random((height, width)) > 0.5
     forward, _ = cris_matrices(height, width, size)
     ref_image = cv2.warpAffine(image, forward, (size, size), flags=cv2.INTER_CUBIC, borderValue=MEAN_BORDER)
-    ref_mask = cv2.warpAffine(mask.astype(np.uint8) * 255, forward, (size, size), flags=cv2.INTER_LINEAR,
-                              borderValue=0.0) / 255.0
+    ref_mask = (
+      cv2.warpAffine(mask.astype(np.uint8) * 255, forward, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
+      / 255.0
+    )
     ours_image, ours_mask = letterbox.cris_letterbox(image, mask, size, (123, 117, 104))
     assert ours_image.dtype == np.uint8 and ours_mask.dtype == np.uint8
     ours_mask = ours_mask / letterbox.MASK_LEVELS["cris"]
@@ -135,8 +163,12 @@ def _eval_batch(sizes, masks, canvas, size):
     nh, nw = max(round(height * scale), 1), max(round(width * scale), 1)
     resized_hw.append((nh, nw))
     offset.append(((size - nh) // 2, (size - nw) // 2))
-  return {"orig_hw": np.asarray(sizes, np.int32), "orig_mask": orig_mask,
-          "resized_hw": np.asarray(resized_hw, np.int32), "offset": np.asarray(offset, np.int32)}
+  return {
+    "orig_hw": np.asarray(sizes, np.int32),
+    "orig_mask": orig_mask,
+    "resized_hw": np.asarray(resized_hw, np.int32),
+    "offset": np.asarray(offset, np.int32),
+  }
 
 
 def _logits(prob):
@@ -159,7 +191,8 @@ def test_eval_metrics_report_cris_protocol():
     ref_iou.append(cris_iou(ref, mask))
   batch = _eval_batch(SIZES, masks, canvas, size)
   outputs = jax.jit(metrics.eval_step_outputs, static_argnums=(2, 3, 4, 5))(
-      _logits(np.stack(probs)), batch, THRESHOLD, canvas, size, "integer")
+    _logits(np.stack(probs)), batch, THRESHOLD, canvas, size, "integer"
+  )
   np.testing.assert_allclose(np.asarray(outputs["cris_iou"]), ref_iou, atol=0.01)
   result = metrics.EvalMetrics.single_from_model_output(**outputs).compute()
   assert abs(result["cris/mIoU"] - np.mean(ref_iou)) < 1e-3
@@ -183,6 +216,7 @@ def test_oracle_under_both_letterboxes(mode):
   targets' pixel 4i by up to ~3 canvas pixels toward the bottom-right, so it scores lower on the same map."""
   from input_pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
   from input_pipeline import preprocess  # pylint: disable=g-import-not-at-top
+
   tf = import_tensorflow()
   size, canvas = 96, 160
   rng = np.random.default_rng(8)
@@ -192,8 +226,7 @@ def test_oracle_under_both_letterboxes(mode):
     yy, xx = np.mgrid[:height, :width]
     cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
     mask = ((yy - cy) / (0.4 * height)) ** 2 + ((xx - cx) / (0.4 * width)) ** 2 < 1
-    out = preprocess.letterbox(tf.zeros((height, width, 3), tf.uint8), tf.constant(mask.astype(np.uint8)), size,
-                               mode)
+    out = preprocess.letterbox(tf.zeros((height, width, 3), tf.uint8), tf.constant(mask.astype(np.uint8)), size, mode)
     levels = letterbox.MASK_LEVELS[mode]
     targets.append(out["mask"].numpy()[::4, ::4].astype(np.float32) / levels)  # downsample_mask: pixel 4i.
     masks.append(mask)

@@ -19,6 +19,7 @@ asks only for Adam's bound |Δ| ≤ 2 lr. Adam's step is sign-like for every sma
 compared where the gradient is ≥ 1% of its tensor's largest entry (measured ≤ 1.2e-7 apart; allowed 1e-6 =
 lr / 1000), which a missing all-reduce or per-device BatchNorm would break by ~lr.
 """
+
 import json
 import math
 import os
@@ -53,8 +54,9 @@ def _read_json(path: str) -> dict:
 def _run_worker(out: str, mode: str, num_devices: int = 1, **flags):
   os.makedirs(out, exist_ok=True)
   command = train_worker.worker_command(mode, out=out, steps=STEPS, **flags)
-  train_worker.run_checked(command, os.path.join(out, "log.txt"), TIMEOUT_S,
-                           env=train_worker.subprocess_env(num_devices))
+  train_worker.run_checked(
+    command, os.path.join(out, "log.txt"), TIMEOUT_S, env=train_worker.subprocess_env(num_devices)
+  )
   return _read_json(os.path.join(out, "result.json"))
 
 
@@ -66,8 +68,11 @@ def reference(dataset, tmp_path_factory):
   workdir, out = str(root / "workdir"), str(root / "out")
   result = _run_worker(out, "train", tfrecord_dir=shards, workdir=workdir, dump_steps="1")
   assert result["device_count"] == 1 and result["process_count"] == 1
-  return {"result": result, "state_1": train_worker.load_npz(os.path.join(out, "state_1.npz")),
-          "losses": train_worker.read_scalars(workdir)["train/loss"]}
+  return {
+    "result": result,
+    "state_1": train_worker.load_npz(os.path.join(out, "state_1.npz")),
+    "losses": train_worker.read_scalars(workdir)["train/loss"],
+  }
 
 
 def assert_one_adam_step_close(state, reference):
@@ -78,7 +83,7 @@ def assert_one_adam_step_close(state, reference):
   assert len(first_moments) == len(params)
   noise_only = []
   for key in params:
-    moment = first_moments[key[len("['params']"):]]
+    moment = first_moments[key[len("['params']") :]]
     grad, grad_ref = state[moment] / (1 - ADAM_B1), reference[moment] / (1 - ADAM_B1)  # μ₁ = (1 − β₁) g.
     delta = np.abs(state[key].astype(np.float64) - reference[key])
     assert delta.max() <= 2 * LEARNING_RATE, key
@@ -120,12 +125,26 @@ def test_two_processes_match_one_process(dataset, reference, tmp_path):
     out = str(tmp_path / f"process_{process_id}")
     os.makedirs(out)
     command = train_worker.worker_command(
-        "train", out=out, steps=STEPS, tfrecord_dir=shards, workdir=workdir, dump_steps="1", num_processes=2,
-        process_id=process_id, coordinator=f"127.0.0.1:{port}")
+      "train",
+      out=out,
+      steps=STEPS,
+      tfrecord_dir=shards,
+      workdir=workdir,
+      dump_steps="1",
+      num_processes=2,
+      process_id=process_id,
+      coordinator=f"127.0.0.1:{port}",
+    )
     logs.append(os.path.join(out, "log.txt"))
     with open(logs[-1], "w") as log:
-      processes.append((command, subprocess.Popen(command, cwd=train_worker.REPO, env=train_worker.subprocess_env(),
-                                                  stdout=log, stderr=subprocess.STDOUT)))
+      processes.append(
+        (
+          command,
+          subprocess.Popen(
+            command, cwd=train_worker.REPO, env=train_worker.subprocess_env(), stdout=log, stderr=subprocess.STDOUT
+          ),
+        )
+      )
   try:
     for (command, process), log in zip(processes, logs):
       train_worker.check_exit(process.wait(timeout=TIMEOUT_S), command, log)
@@ -149,11 +168,11 @@ def test_two_processes_match_one_process(dataset, reference, tmp_path):
   assert final[0].keys() == final[1].keys()
   assert [k for k in final[0] if not np.array_equal(final[0][k], final[1][k])] == []
   # Training equals the single-process run up to reduction order.
-  assert_one_adam_step_close(train_worker.load_npz(str(tmp_path / "process_0" / "state_1.npz")),
-                             reference["state_1"])
+  assert_one_adam_step_close(train_worker.load_npz(str(tmp_path / "process_0" / "state_1.npz")), reference["state_1"])
   losses = train_worker.read_scalars(workdir)["train/loss"]  # Written by process 0.
-  np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
-                             [reference["losses"][s] for s in range(1, STEPS + 1)], rtol=1e-5)
+  np.testing.assert_allclose(
+    [losses[s] for s in range(1, STEPS + 1)], [reference["losses"][s] for s in range(1, STEPS + 1)], rtol=1e-5
+  )
 
   # Evaluation: both processes report the merged metrics of the whole split...
   merged = results[0]["eval"]["val"]

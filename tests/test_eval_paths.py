@@ -9,6 +9,7 @@ The error paths fail before anything is compiled; checkpoint resolution and the 
 in-process on the same workdir. Best-checkpoint selection is checked on the loop with scripted scores (and a
 stand-in model), so that the two splits prefer different steps.
 """
+
 import glob
 import json
 import os
@@ -35,11 +36,22 @@ def dataset(tmp_path_factory):
 
 
 def _main_command(workdir: str, tfrecord_dir: str, *args: str):
-  return [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-          f"--config.data.tfrecord_dir={tfrecord_dir}", "--config.data.eval_canvas=160",
-          "--config.data.shuffle_buffer=16", f"--config.data.eval_splits={SPLITS!r}", "--config.num_train_steps=4",
-          "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
-          "--config.eval_shuffled_control=true", *args]
+  return [
+    sys.executable,
+    "main.py",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.tfrecord_dir={tfrecord_dir}",
+    "--config.data.eval_canvas=160",
+    "--config.data.shuffle_buffer=16",
+    f"--config.data.eval_splits={SPLITS!r}",
+    "--config.num_train_steps=4",
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+    "--config.log_every_steps=1",
+    "--config.eval_shuffled_control=true",
+    *args,
+  ]
 
 
 def _eval_jsons(workdir: str) -> dict:
@@ -65,8 +77,9 @@ def run(dataset, tmp_path_factory):
   out["steps"] = (train_worker.checkpoint_steps(workdir, "checkpoints"), train_worker.checkpoint_steps(workdir, "best"))
   for checkpoint in ("2", "latest"):
     log = root / f"eval_{checkpoint}.log"
-    train_worker.run_checked(_main_command(workdir, shards, "--mode=eval", f"--checkpoint={checkpoint}"), str(log),
-                             TIMEOUT_S)
+    train_worker.run_checked(
+      _main_command(workdir, shards, "--mode=eval", f"--checkpoint={checkpoint}"), str(log), TIMEOUT_S
+    )
     out[f"eval_{checkpoint}"] = _eval_jsons(workdir)
     out[f"eval_{checkpoint}_stdout"] = log.read_text()
   return out
@@ -75,8 +88,9 @@ def run(dataset, tmp_path_factory):
 def _table_rows(stdout: str) -> dict:
   """{row name: the row's last column (count)} of the table main.py prints."""
   names = {split + suffix for split in SPLITS for suffix in ("", SHUFFLED)}
-  return {line.split()[0]: line.split()[-1] for line in stdout.splitlines() if line.split()[:1] and
-          line.split()[0] in names}
+  return {
+    line.split()[0]: line.split()[-1] for line in stdout.splitlines() if line.split()[:1] and line.split()[0] in names
+  }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -90,15 +104,15 @@ def test_training_scores_both_splits_and_the_control_at_the_end(run):
       assert run["train"][name]["step"] == 4 and run["train"][name]["split"] == name
       assert run["train"][name]["count"] == counts[split], name
   assert _table_rows(run["train_stdout"]) == {
-      split + suffix: str(counts[split]) for split in SPLITS for suffix in ("", SHUFFLED)}
+    split + suffix: str(counts[split]) for split in SPLITS for suffix in ("", SHUFFLED)
+  }
   # The control runs at the final evaluation only; every evaluation scores both splits.
   scalars = train_worker.read_scalars(run["workdir"])
   for split in SPLITS:
     assert sorted(scalars[f"eval/{split}/mIoU"]) == [2, 4]
     assert sorted(scalars[f"eval/{split}{SHUFFLED}/mIoU"]) == [4]
   # The control really scored other sentences: the same images and model give other numbers.
-  assert any(run["train"][split][k] != run["train"][split + SHUFFLED][k] for split in SPLITS
-             for k in ("mIoU", "oIoU"))
+  assert any(run["train"][split][k] != run["train"][split + SHUFFLED][k] for split in SPLITS for k in ("mIoU", "oIoU"))
 
 
 def test_eval_mode_latest_equals_the_final_training_evaluation_with_the_control(run):
@@ -121,9 +135,15 @@ def test_eval_mode_at_a_step_restores_that_step(run):
 
 def _main_fails(workdir: str, shards: str, checkpoint: str) -> str:
   """Runs --mode=eval expecting exit status 1 and one error line; returns that line."""
-  process = subprocess.run(_main_command(workdir, shards, "--mode=eval", f"--checkpoint={checkpoint}"),
-                           cwd=train_worker.REPO, env=train_worker.subprocess_env(), capture_output=True, text=True,
-                           timeout=TIMEOUT_S, check=False)
+  process = subprocess.run(
+    _main_command(workdir, shards, "--mode=eval", f"--checkpoint={checkpoint}"),
+    cwd=train_worker.REPO,
+    env=train_worker.subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
   assert process.returncode == 1, process.stderr[-3000:]
   assert "Traceback" not in process.stderr
   errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
@@ -147,12 +167,14 @@ def _model_and_mesh():
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
   from fcnet_jax.models import fcnet  # pylint: disable=g-import-not-at-top
+
   return fcnet.build_model(tiny.get_config().model), sharding.create_mesh()
 
 
 def _raw_checkpoint(workdir: str, manager: str, step: int) -> dict:
   """Every array of a saved train state, keyed "params/…" / "batch_stats/…" / "opt_state/…"."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, manager, str(step), "default"))
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -162,11 +184,17 @@ def _raw_checkpoint(workdir: str, manager: str, step: int) -> dict:
 
 def test_checkpoints_resolve_latest_best_and_steps(run, tmp_path):
   from fcnet_jax import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
+
   checkpoints = checkpoints_lib.Checkpoints(run["workdir"], read_only=True)
   best = run["steps"][1][0]
   resolved = {spec: checkpoints.resolve(spec) for spec in ("latest", "best", "2", 4, str(best))}
-  assert {spec: step for spec, (_, step) in resolved.items()} == {"latest": 4, "best": best, "2": 2, 4: 4,
-                                                                  str(best): best}
+  assert {spec: step for spec, (_, step) in resolved.items()} == {
+    "latest": 4,
+    "best": best,
+    "2": 2,
+    4: 4,
+    str(best): best,
+  }
   assert resolved["best"][0] is checkpoints.best and resolved["latest"][0] is checkpoints.latest
   with pytest.raises(ValueError, match=r"'newest': expected 'latest', 'best' or a step number"):
     checkpoints.resolve("newest")
@@ -180,14 +208,19 @@ def test_checkpoints_resolve_latest_best_and_steps(run, tmp_path):
 def test_restore_for_inference_reads_params_and_batch_stats_of_the_chosen_step(run):
   """Evaluation restores a saved train state without its optimiser: params and BatchNorm statistics only."""
   from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   model, mesh = _model_and_mesh()
   best = run["steps"][1][0]
   for spec, manager, step in (("2", "checkpoints", 2), ("latest", "checkpoints", 4), ("best", "best", best)):
     state = evaluate.restore_for_inference(model, mesh, run["workdir"], spec)
     assert isinstance(state, evaluate.InferenceState) and int(state.step) == step
     saved = _raw_checkpoint(run["workdir"], manager, step)
-    restored = {"/".join(str(k.key) for k in path): leaf for path, leaf in
-                jax.tree_util.tree_flatten_with_path({"params": state.params, "batch_stats": state.batch_stats})[0]}
+    restored = {
+      "/".join(str(k.key) for k in path): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(
+        {"params": state.params, "batch_stats": state.batch_stats}
+      )[0]
+    }
     assert set(restored) == {k for k in saved if k.split("/")[0] in ("params", "batch_stats")}
     for key, value in restored.items():
       assert value.sharding.is_fully_replicated
@@ -198,8 +231,7 @@ def test_restore_for_inference_reads_params_and_batch_stats_of_the_chosen_step(r
 
 
 def _scores(miou: float) -> dict:
-  return {"mIoU": miou, "oIoU": miou, **{f"prec@{t}": miou for t in ("0.5", "0.6", "0.7", "0.8", "0.9")},
-          "count": 1.0}
+  return {"mIoU": miou, "oIoU": miou, **{f"prec@{t}": miou for t in ("0.5", "0.6", "0.7", "0.8", "0.9")}, "count": 1.0}
 
 
 def test_best_checkpoint_is_chosen_by_the_first_split(tmp_path, monkeypatch):
@@ -213,6 +245,7 @@ def test_best_checkpoint_is_chosen_by_the_first_split(tmp_path, monkeypatch):
   from fcnet_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
   from fcnet_jax import train  # pylint: disable=g-import-not-at-top
+
   config = tiny.get_config()
   config.data.eval_splits = SPLITS
   config.num_train_steps, config.eval_every_steps, config.log_every_steps, config.checkpoint_every_steps = 2, 1, 1, 1
@@ -221,8 +254,9 @@ def test_best_checkpoint_is_chosen_by_the_first_split(tmp_path, monkeypatch):
 
   def initial_state(config, model, tx, mesh):
     del config, model
-    state = train.TrainState.create(apply_fn=None, params={"w": np.zeros(3, np.float32)}, tx=tx, batch_stats={},
-                                    dropout_rng=jax.random.key(0))
+    state = train.TrainState.create(
+      apply_fn=None, params={"w": np.zeros(3, np.float32)}, tx=tx, batch_stats={}, dropout_rng=jax.random.key(0)
+    )
     return sharding.replicate(state, mesh)
 
   def jit_train_step(config, model, mesh):
@@ -240,8 +274,9 @@ def test_best_checkpoint_is_chosen_by_the_first_split(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluate.Evaluator, "score", score)
   monkeypatch.setattr(data_lib.DataSource, "eval", lambda self, split: [])
   batch = {"image": np.zeros((config.batch_size, 1, 1, 3), np.uint8)}
-  data = data_lib.DataSource(config, train_iter_fn=lambda start_step: iter([batch] * 2),
-                             split_sizes={"train": {"refs": 80}})
+  data = data_lib.DataSource(
+    config, train_iter_fn=lambda start_step: iter([batch] * 2), split_sizes={"train": {"refs": 80}}
+  )
   state, returned = train.train_and_evaluate(config, str(tmp_path), data=data)
   assert int(state.step) == 2 and returned == {split: _scores(scripted[(2, split)]) for split in SPLITS}
   assert train_worker.checkpoint_steps(str(tmp_path), "best") == [1]
@@ -256,12 +291,14 @@ def test_tensorboard_has_overlays_and_hparams(run):
   from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
 
   from input_pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
+
   tf = import_tensorflow()
   summaries = train_worker.read_summaries(run["workdir"])
   plugins = {value.tag: value.metadata.plugin_data.plugin_name for _, value in summaries}
   # Hyper-parameters: the flattened config, as the hparams plugin's session start.
-  hparams = [value for _, value in summaries if plugins[value.tag] == "hparams" and
-             value.tag == "_hparams_/session_start_info"]
+  hparams = [
+    value for _, value in summaries if plugins[value.tag] == "hparams" and value.tag == "_hparams_/session_start_info"
+  ]
   assert len(hparams) == 1
   data = plugin_data_pb2.HParamsPluginData.FromString(hparams[0].metadata.plugin_data.content)
   logged = data.session_start_info.hparams
@@ -297,14 +334,51 @@ def test_freeze_backbone_bn_keeps_the_backbone_statistics(run):
   """Trained with `freeze_backbone_bn`: the image encoder's BatchNorm statistics are still their initial values
   (mean 0, variance 1), while the neck's (not frozen) moved."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   state = ocp.StandardCheckpointer().restore(os.path.join(run["workdir"], "checkpoints", "4", "default"))
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(state["batch_stats"])[0]}
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["batch_stats"])[0]
+  }
   backbone = {k: v for k, v in flat.items() if k.startswith("image_encoder/")}
   others = {k: v for k, v in flat.items() if not k.startswith("image_encoder/")}
   assert len(backbone) > 10 and len(others) > 4
   for name, value in backbone.items():
-    np.testing.assert_array_equal(value, np.zeros_like(value) if name.endswith("mean") else np.ones_like(value),
-                                  err_msg=name)
-  assert all(not np.array_equal(v, np.zeros_like(v) if k.endswith("mean") else np.ones_like(v))
-             for k, v in others.items())
+    np.testing.assert_array_equal(
+      value, np.zeros_like(value) if name.endswith("mean") else np.ones_like(value), err_msg=name
+    )
+  assert all(
+    not np.array_equal(v, np.zeros_like(v) if k.endswith("mean") else np.ones_like(v)) for k, v in others.items()
+  )
+
+
+def test_eval_with_cris_letterbox_reports_both_protocols(run, dataset, tmp_path):
+  """`--config.data.letterbox=cris` runs CRIS's preprocessing through the real pipeline and evaluation; both
+  protocols' metrics reach eval_<split>.json and the printed table."""
+  shards, _ = dataset
+  log = tmp_path / "eval_cris.log"
+  command = _main_command(
+    run["workdir"],
+    shards,
+    "--mode=eval",
+    "--checkpoint=latest",
+    "--config.data.letterbox=cris",
+    "--config.eval_shuffled_control=false",
+  )
+  train_worker.run_checked(command, str(log), TIMEOUT_S)
+  scores = _eval_jsons_plain(run["workdir"])
+  for split in SPLITS:
+    for prefix in ("", "cris/"):
+      assert 0.0 <= scores[split][f"{prefix}mIoU"] <= 1.0
+    # The integer-letterbox run of the same checkpoint scored other images: the results differ.
+    assert scores[split]["mIoU"] != run["eval_latest"][split]["mIoU"]
+  header = next(line for line in log.read_text().splitlines() if line.startswith("split"))
+  assert "cris/mIoU" in header and "cris/prec@0.5" in header
+
+
+def _eval_jsons_plain(workdir: str) -> dict:
+  out = {}
+  for split in SPLITS:
+    with open(os.path.join(workdir, f"eval_{split}.json")) as f:
+      out[split] = json.load(f)
+  return out

@@ -1,4 +1,5 @@
 """fcnet_jax.fileio: a reader never sees a torn file or directory, and a failed write loses nothing."""
+
 import os
 
 import pytest

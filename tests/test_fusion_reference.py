@@ -12,6 +12,7 @@ feature, padding mask) to the logits is checked end to end. Every check requires
 max|ours − reference| / max|reference| ≤ 1e-5 (fp32, train=False). `test_reference_detects_wrong_choices` shows
 that the comparison fails when the reference makes one different choice.
 """
+
 import functools
 from typing import Any, Dict
 
@@ -28,13 +29,13 @@ BATCH = 2
 SOT, EOT = 49406, 49407
 LENGTHS = (4, 8)  # Tokens per sentence including [SOS] and [EOS]: one padded sentence, one filling L = 8.
 VARIANTS = {
-    "default": {},
-    "gate_sigmoid": {"calibration_gate": "sigmoid"},
-    "gate_softmax": {"calibration_gate": "softmax"},
-    "no_ecm": {"use_ecm": False},
-    "no_egm": {"use_egm": False},
-    "no_egm_layernorm": {"egm_layernorm": False},
-    "egm_heads_2": {"egm_heads": 2},
+  "default": {},
+  "gate_sigmoid": {"calibration_gate": "sigmoid"},
+  "gate_softmax": {"calibration_gate": "softmax"},
+  "no_ecm": {"use_ecm": False},
+  "no_egm": {"use_egm": False},
+  "no_egm_layernorm": {"egm_layernorm": False},
+  "egm_heads_2": {"egm_heads": 2},
 }
 
 
@@ -65,7 +66,7 @@ def tokens_and_padding(length: int):
   rng = np.random.default_rng(1)
   tokens = np.zeros((BATCH, length), np.int32)
   for b, n in enumerate(LENGTHS):
-    tokens[b, 0], tokens[b, 1:n - 1], tokens[b, n - 1] = SOT, rng.integers(1, SOT, n - 2), EOT
+    tokens[b, 0], tokens[b, 1 : n - 1], tokens[b, n - 1] = SOT, rng.integers(1, SOT, n - 2), EOT
   padding = np.arange(length)[None, :] > (np.array(LENGTHS) - 1)[:, None]
   return tokens, padding
 
@@ -74,8 +75,11 @@ def fusion_inputs(cfg: Dict[str, Any]):
   """F_v2 (S/8), F_v3 (S/16), F_v4 (S/32) shaped as CLIP's ModifiedResNet gives them, F_t, [EOS], padding."""
   rng = np.random.default_rng(0)
   s, w = cfg["image_size"], cfg["vision_width"]
-  shapes = [(BATCH, s // 8, s // 8, 8 * w), (BATCH, s // 16, s // 16, 16 * w),
-            (BATCH, s // 32, s // 32, cfg["embed_dim"])]
+  shapes = [
+    (BATCH, s // 8, s // 8, 8 * w),
+    (BATCH, s // 16, s // 16, 16 * w),
+    (BATCH, s // 32, s // 32, cfg["embed_dim"]),
+  ]
   f_v2, f_v3, f_v4 = (np.abs(rng.normal(size=shape)).astype(np.float32) for shape in shapes)  # Post-ReLU maps.
   f_t = rng.normal(size=(BATCH, cfg["context_length"], cfg["text_width"])).astype(np.float32)
   eos = rng.normal(size=(BATCH, cfg["embed_dim"])).astype(np.float32)
@@ -95,7 +99,7 @@ def draw_values(shapes, seed: int):
     elif names[-1] in ("kernel", "text_projection"):
       # Attention output projections are heads×head_dim×D; q/k/v are D×heads×head_dim.
       fan_in = np.prod(shape[:-1]) if len(shape) != 3 or names[-2] in ("out", "c_proj") else shape[0]
-      value = rng.normal(0.0, fan_in ** -0.5, shape)
+      value = rng.normal(0.0, fan_in**-0.5, shape)
     elif names[-1] == "scale":
       value = rng.uniform(0.5, 1.5, shape)
     elif names[-1] in ("bias", "embedding", "positional_embedding"):
@@ -118,8 +122,9 @@ def variables():
   for variant in ("default", "no_egm"):
     cfg = model_config(variant)
     model = fcnet.build_model(cfg)
-    trees.append(jax.eval_shape(functools.partial(model.init, method=_init_all), jax.random.key(0),
-                                *fusion_inputs(cfg)))
+    trees.append(
+      jax.eval_shape(functools.partial(model.init, method=_init_all), jax.random.key(0), *fusion_inputs(cfg))
+    )
   merged = {col: {**trees[1].get(col, {}), **trees[0][col]} for col in trees[0]}
   return draw_values(merged, seed=0)
 
@@ -130,10 +135,15 @@ def variables_for(variables, variant: str):
     return variables
   heads = model_config(variant)["egm_heads"]
   attn = variables["params"]["emphasis_generation"]["cross_attn"]
-  split = {name: {"kernel": p["kernel"].reshape(p["kernel"].shape[0], heads, -1),
-                  "bias": p["bias"].reshape(heads, -1)} for name, p in attn.items() if name != "out"}
-  split["out"] = {"kernel": attn["out"]["kernel"].reshape(heads, -1, attn["out"]["kernel"].shape[-1]),
-                  "bias": attn["out"]["bias"]}
+  split = {
+    name: {"kernel": p["kernel"].reshape(p["kernel"].shape[0], heads, -1), "bias": p["bias"].reshape(heads, -1)}
+    for name, p in attn.items()
+    if name != "out"
+  }
+  split["out"] = {
+    "kernel": attn["out"]["kernel"].reshape(heads, -1, attn["out"]["kernel"].shape[-1]),
+    "bias": attn["out"]["bias"],
+  }
   egm = dict(variables["params"]["emphasis_generation"], cross_attn=split)
   return {**variables, "params": dict(variables["params"], emphasis_generation=egm)}
 
@@ -142,8 +152,11 @@ def variables_for(variables, variant: str):
 def fuse_fn(variant: str):
   """Jitted FCNet.fuse (train=False) → ((F_v, memory, memory_mask), captured intermediates)."""
   model = fcnet.build_model(model_config(variant))
-  return jax.jit(lambda v, *inputs: model.apply(v, *inputs, method=fcnet.FCNet.fuse, capture_intermediates=True,
-                                                mutable=["intermediates"]))
+  return jax.jit(
+    lambda v, *inputs: model.apply(
+      v, *inputs, method=fcnet.FCNet.fuse, capture_intermediates=True, mutable=["intermediates"]
+    )
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,8 +167,11 @@ def decode_fn(masked_memory: bool):
   (N_k calibrated tokens, or the masked words when EGM is off) saves a compile per variant.
   """
   model = fcnet.build_model(model_config("no_egm" if masked_memory else "default"))
-  return jax.jit(lambda v, f_v, memory, mask: model.apply(
-      v, f_v, memory, mask, method=fcnet.FCNet.decode, capture_intermediates=True, mutable=["intermediates"]))
+  return jax.jit(
+    lambda v, f_v, memory, mask: model.apply(
+      v, f_v, memory, mask, method=fcnet.FCNet.decode, capture_intermediates=True, mutable=["intermediates"]
+    )
+  )
 
 
 def run_ours(variables, variant: str, inputs):
@@ -163,9 +179,14 @@ def run_ours(variables, variant: str, inputs):
   (f_v, memory, memory_mask), fused = fuse_fn(variant)(variables, *inputs)
   logits, decoded = decode_fn(memory_mask is not None)(variables, f_v, memory, memory_mask)
   to_np = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
-  return {"f_v": np.asarray(f_v), "memory": np.asarray(memory),
-          "memory_mask": None if memory_mask is None else np.asarray(memory_mask), "logits": np.asarray(logits),
-          "fused": to_np(fused["intermediates"]), "decoded": to_np(decoded["intermediates"])}
+  return {
+    "f_v": np.asarray(f_v),
+    "memory": np.asarray(memory),
+    "memory_mask": None if memory_mask is None else np.asarray(memory_mask),
+    "logits": np.asarray(logits),
+    "fused": to_np(fused["intermediates"]),
+    "decoded": to_np(decoded["intermediates"]),
+  }
 
 
 _RESULTS: Dict[str, Any] = {}
@@ -214,8 +235,13 @@ def test_emphasis_generation_matches_reference(results, ref_vars, variant):
   inputs, ours = results(variant)
   f_t, padding = inputs[3], inputs[5]
   expected = ref.emphasis_generation(
-      ref_vars["params"]["emphasis_generation"], ref_vars["batch_stats"]["emphasis_generation"],
-      *f64(ours["f_v"], f_t), ~padding, cfg["egm_heads"] or cfg["attention_heads"], cfg["egm_layernorm"])
+    ref_vars["params"]["emphasis_generation"],
+    ref_vars["batch_stats"]["emphasis_generation"],
+    *f64(ours["f_v"], f_t),
+    ~padding,
+    cfg["egm_heads"] or cfg["attention_heads"],
+    cfg["egm_layernorm"],
+  )
   assert expected.shape == (BATCH, cfg["num_emphasis"], cfg["hidden_dim"])
   assert_matches(captured(ours["fused"], "emphasis_generation"), expected, f"{variant}: EGM F_e")
 
@@ -227,8 +253,9 @@ def test_emphasis_calibration_matches_reference(results, ref_vars, variant):
   f_tg = captured(ours["fused"], "text_global_proj")
   assert_matches(f_tg, ref.dense(*f64(inputs[4]), ref_vars["params"]["text_global_proj"]), "F_tg")
   f_e = captured(ours["fused"], "emphasis_generation")
-  expected, alpha = ref.emphasis_calibration(ref_vars["params"]["emphasis_calibration"], *f64(f_e, f_tg),
-                                             cfg["attention_heads"], cfg["calibration_gate"])
+  expected, alpha = ref.emphasis_calibration(
+    ref_vars["params"]["emphasis_calibration"], *f64(f_e, f_tg), cfg["attention_heads"], cfg["calibration_gate"]
+  )
   assert_matches(captured(ours["fused"], "emphasis_calibration"), expected, f"{variant}: ECM F_c")
   assert_matches(ours["fused"]["emphasis_calibration"]["alpha"][0], alpha, f"{variant}: ECM α")
   if cfg["calibration_gate"] == "softmax":
@@ -245,20 +272,23 @@ def test_decoder_layers_match_reference(results, ref_vars, variant):
   pos = ref.sine_encoding_2d(h, w, c)
   x = ours["f_v"].reshape(b, h * w, c)
   for i in range(cfg["decoder_layers"]):
-    expected = ref.decoder_layer(params[f"layer{i}"], *f64(x, ours["memory"]), ours["memory_mask"], pos,
-                                 cfg["attention_heads"])
+    expected = ref.decoder_layer(
+      params[f"layer{i}"], *f64(x, ours["memory"]), ours["memory_mask"], pos, cfg["attention_heads"]
+    )
     x = captured(decoded, f"layer{i}")
     assert_matches(x, expected, f"{variant}: decoder layer {i}")
-  expected = ref.decoder(params, *f64(ours["f_v"], ours["memory"]), ours["memory_mask"], cfg["decoder_layers"],
-                         cfg["attention_heads"])
+  expected = ref.decoder(
+    params, *f64(ours["f_v"], ours["memory"]), ours["memory_mask"], cfg["decoder_layers"], cfg["attention_heads"]
+  )
   assert_matches(captured(ours["decoded"], "decoder"), expected, f"{variant}: decoder")
 
 
 def test_mask_head_matches_reference(results, ref_vars):
   cfg = model_config()
   _, ours = results("default")
-  expected = ref.mask_head(ref_vars["params"]["mask_head"], ref_vars["batch_stats"]["mask_head"],
-                           *f64(captured(ours["decoded"], "decoder")))
+  expected = ref.mask_head(
+    ref_vars["params"]["mask_head"], ref_vars["batch_stats"]["mask_head"], *f64(captured(ours["decoded"], "decoder"))
+  )
   assert expected.shape == (BATCH, cfg["image_size"] // 4, cfg["image_size"] // 4)
   assert_matches(ours["logits"], expected, "mask head")
 
@@ -308,11 +338,13 @@ def test_token_ids_after_eos_change_neither_ours_nor_the_reference(variables, re
   tokens, padding = tokens_and_padding(cfg["context_length"])
   other = np.where(padding, np.random.default_rng(9).integers(0, SOT, tokens.shape), tokens).astype(np.int32)
   assert (other != tokens).any()
-  text_vars = draw_values(jax.eval_shape(functools.partial(model.init, method=fcnet.FCNet.encode_text),
-                                         jax.random.key(0), tokens), seed=1)
+  text_vars = draw_values(
+    jax.eval_shape(functools.partial(model.init, method=fcnet.FCNet.encode_text), jax.random.key(0), tokens), seed=1
+  )
   encode = jax.jit(lambda v, t: model.apply(v, t, method=fcnet.FCNet.encode_text))
   (f_t, eos, pad), (f_t_other, eos_other, pad_other) = (
-      jax.tree_util.tree_map(np.asarray, encode(text_vars, t)) for t in (tokens, other))
+    jax.tree_util.tree_map(np.asarray, encode(text_vars, t)) for t in (tokens, other)
+  )
   np.testing.assert_array_equal(pad, padding)
   np.testing.assert_array_equal(pad_other, padding)
   np.testing.assert_array_equal(eos_other, eos)
@@ -333,15 +365,18 @@ def _swap_halves(encoding):
 
 
 WRONG_CHOICES = {
-    "upsampling with align_corners=True": ("upsample2x", functools.partial(ref.upsample2x, align_corners=True)),
-    "no 2-D sine encoding": ("sine_encoding_2d", lambda h, w, c: np.zeros((h * w, c))),
-    "sine encoding: rows first": ("sine_encoding_2d", _swap_halves(ref.sine_encoding_2d)),
-    "BatchNorm ignores the running mean": (
-        "batch_norm", lambda x, p, s: x / np.sqrt(s["var"] + ref.EPS) * p["scale"] + p["bias"]),
-    "LayerNorm without bias": (
-        "layer_norm", lambda x, p: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + ref.EPS)
-        * p["scale"]),
-    "strided sampling instead of average pooling": ("avg_pool2x2", lambda x: x[:, ::2, ::2]),
+  "upsampling with align_corners=True": ("upsample2x", functools.partial(ref.upsample2x, align_corners=True)),
+  "no 2-D sine encoding": ("sine_encoding_2d", lambda h, w, c: np.zeros((h * w, c))),
+  "sine encoding: rows first": ("sine_encoding_2d", _swap_halves(ref.sine_encoding_2d)),
+  "BatchNorm ignores the running mean": (
+    "batch_norm",
+    lambda x, p, s: x / np.sqrt(s["var"] + ref.EPS) * p["scale"] + p["bias"],
+  ),
+  "LayerNorm without bias": (
+    "layer_norm",
+    lambda x, p: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + ref.EPS) * p["scale"],
+  ),
+  "strided sampling instead of average pooling": ("avg_pool2x2", lambda x: x[:, ::2, ::2]),
 }
 
 

@@ -1,4 +1,5 @@
 """Tests of fcnet_jax.image_ops against float64 NumPy implementations of the letterbox protocol (and PyTorch)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +11,18 @@ S = 480  # Letterbox canvas (config.model.image_size).
 P = S // 4  # Prediction size.
 K = 640  # Original-frame canvas (config.data.eval_canvas).
 # (h, w) original sizes: COCO-like, square, extreme aspect ratios both ways, small, and odd rounding cases.
-SIZES = [(480, 640), (640, 427), (640, 640), (640, 40), (30, 640), (333, 500), (612, 612), (100, 77),
-         (45, 600), (640, 481)]
+SIZES = [
+  (480, 640),
+  (640, 427),
+  (640, 640),
+  (640, 40),
+  (30, 640),
+  (333, 500),
+  (612, 612),
+  (100, 77),
+  (45, 600),
+  (640, 481),
+]
 
 
 # ---------------------------------------------------------------- NumPy float64 references of the protocol.
@@ -46,7 +57,7 @@ def letterbox_np(image, size=S):
   h, w = image.shape
   nh, nw, top, left = letterbox_geometry(h, w, size)
   canvas = np.zeros((size, size))
-  canvas[top:top + nh, left:left + nw] = resize_bilinear_np(image.astype(np.float64), nh, nw)
+  canvas[top : top + nh, left : left + nw] = resize_bilinear_np(image.astype(np.float64), nh, nw)
   return canvas, nh, nw, top, left
 
 
@@ -77,8 +88,9 @@ def inverse_letterbox_np(prob, nh, nw, top, left, h, w, sampling):
   i0, j0 = np.floor(fi).astype(int), np.floor(fj).astype(int)
   i1, j1 = np.minimum(i0 + 1, n - 1), np.minimum(j0 + 1, n - 1)
   a, b = fi - i0, fj - j0
-  return ((1 - a) * (1 - b) * prob[i0, j0] + (1 - a) * b * prob[i0, j1] + a * (1 - b) * prob[i1, j0]
-          + a * b * prob[i1, j1])
+  return (
+    (1 - a) * (1 - b) * prob[i0, j0] + (1 - a) * b * prob[i0, j1] + a * (1 - b) * prob[i1, j0] + a * b * prob[i1, j1]
+  )
 
 
 def batch_geometry(sizes):
@@ -115,7 +127,7 @@ def iou_np(a, b):
 
 def pad_to_canvas(array, canvas=K):
   out = np.zeros((canvas, canvas), array.dtype)
-  out[:array.shape[0], :array.shape[1]] = array
+  out[: array.shape[0], : array.shape[1]] = array
   return out
 
 
@@ -150,14 +162,17 @@ def test_normalize_images_rejects_bad_shape():
 # ---------------------------------------------------------------- downsample_mask.
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((480, 480), (120, 120)), ((480, 480), (100, 100)),
-                                          ((33, 17), (12, 5)), ((7, 10), (3, 4)), ((64, 48), (64, 48))])
+@pytest.mark.parametrize(
+  "in_hw,out_hw",
+  [((480, 480), (120, 120)), ((480, 480), (100, 100)), ((33, 17), (12, 5)), ((7, 10), (3, 4)), ((64, 48), (64, 48))],
+)
 def test_downsample_mask_matches_torch_nearest(in_hw, out_hw):
   torch = pytest.importorskip("torch")
   rng = np.random.default_rng(1)
   mask = rng.integers(0, 2, (2,) + in_hw, dtype=np.uint8)
-  expected = torch.nn.functional.interpolate(torch.from_numpy(mask[:, None].astype(np.float32)), size=out_hw,
-                                             mode="nearest")[:, 0].numpy()
+  expected = torch.nn.functional.interpolate(
+    torch.from_numpy(mask[:, None].astype(np.float32)), size=out_hw, mode="nearest"
+  )[:, 0].numpy()
   out = np.asarray(jax.jit(image_ops.downsample_mask, static_argnums=1)(mask, out_hw))
   assert out.dtype == np.uint8
   np.testing.assert_array_equal(out, expected)
@@ -233,8 +248,12 @@ def test_inverse_letterbox_round_trip_iou(inverse_fn):
   soft_iou = np.array([iou_np(soft_out[b, :h, :w] > 0.5, truths[b]) for b, (h, w) in enumerate(SIZES)])
   hard_iou = np.array([iou_np(hard_out[b, :h, :w] > 0.5, truths[b]) for b, (h, w) in enumerate(SIZES)])
   # "Large": at least 8 prediction pixels across in both directions (the thin images' shapes are 4-5).
-  large = np.array([t.any(1).sum() * nh / h >= 32 and t.any(0).sum() * nw / w >= 32
-                    for t, (h, w), (nh, nw) in zip(truths, SIZES, resized_hw)])
+  large = np.array(
+    [
+      t.any(1).sum() * nh / h >= 32 and t.any(0).sum() * nw / w >= 32
+      for t, (h, w), (nh, nw) in zip(truths, SIZES, resized_hw)
+    ]
+  )
   assert large.sum() >= 6
   assert soft_iou[large].min() >= 0.99 and soft_iou.min() >= 0.9, soft_iou
   # Binary targets quantize the boundary to the stride-4 grid (±2 canvas pixels).
@@ -255,7 +274,7 @@ def test_inverse_letterbox_keeps_objects_touching_the_border(inverse_fn):
   canvas = np.zeros((len(SIZES), S, S), np.uint8)
   for b in range(len(SIZES)):
     (nh, nw), (top, left) = resized_hw[b], offset[b]
-    canvas[b, top:top + nh, left:left + nw] = 1
+    canvas[b, top : top + nh, left : left + nw] = 1
   target = np.asarray(image_ops.downsample_mask(canvas, (P, P))).astype(np.float32)
   out = np.asarray(inverse_fn(target, resized_hw, offset, orig_hw, canvas=K, image_size=S))
   for b, (h, w) in enumerate(SIZES):

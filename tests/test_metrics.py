@@ -1,4 +1,5 @@
 """Tests of fcnet_jax.metrics against a plain NumPy implementation of the evaluation protocol (docs/data.md)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,8 +66,10 @@ def protocol_metrics_np(inter, union):
   """
   iou = iou_f32(inter, union)
   n = np.float32(len(iou))
-  result = {"mIoU": float(iou.astype(np.float64).mean()),
-            "oIoU": int(inter.sum()) / int(union.sum()) if union.sum() else 1.0}
+  result = {
+    "mIoU": float(iou.astype(np.float64).mean()),
+    "oIoU": int(inter.sum()) / int(union.sum()) if union.sum() else 1.0,
+  }
   for x in PREC:
     result[f"prec@{x:.1f}"] = float(np.float32((iou > x).sum()) / n)
   result["count"] = float(len(iou))
@@ -124,15 +127,53 @@ def make_eval_batch(rng, sizes, kinds, valid=None):
   for b, kind in enumerate(kinds):
     if kind == "padding":  # Padding examples carry zeros, as the input pipeline's filler does.
       resized_hw[b], offset[b], orig_hw[b] = 0, 0, 0
-  batch = {"resized_hw": resized_hw, "offset": offset, "orig_hw": orig_hw, "orig_mask": orig_mask,
-           "valid": valid, "tokens": np.zeros((n, 17), np.int32)}
+  batch = {
+    "resized_hw": resized_hw,
+    "offset": offset,
+    "orig_hw": orig_hw,
+    "orig_mask": orig_mask,
+    "valid": valid,
+    "tokens": np.zeros((n, 17), np.int32),
+  }
   return logits[..., None], batch
 
 
-SIZES = [(480, 640), (640, 427), (640, 40), (30, 640), (1, 1), (333, 500), (612, 612), (100, 77), (480, 640),
-         (0, 0), (427, 640), (640, 480), (200, 300), (0, 0), (375, 500), (500, 375)]
-KINDS = ["shape", "shape", "shape", "shape", "one_pixel", "empty_pred", "empty_gt", "both_empty", "junk_outside",
-         "padding", "shape", "shape", "one_pixel", "padding", "shape", "shape"]
+SIZES = [
+  (480, 640),
+  (640, 427),
+  (640, 40),
+  (30, 640),
+  (1, 1),
+  (333, 500),
+  (612, 612),
+  (100, 77),
+  (480, 640),
+  (0, 0),
+  (427, 640),
+  (640, 480),
+  (200, 300),
+  (0, 0),
+  (375, 500),
+  (500, 375),
+]
+KINDS = [
+  "shape",
+  "shape",
+  "shape",
+  "shape",
+  "one_pixel",
+  "empty_pred",
+  "empty_gt",
+  "both_empty",
+  "junk_outside",
+  "padding",
+  "shape",
+  "shape",
+  "one_pixel",
+  "padding",
+  "shape",
+  "shape",
+]
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +312,7 @@ def test_overall_iou_sums_are_exact_beyond_int32_and_float32():
     total = merge(total, update)
   steps = 100 * 64
   assert total.totals() == {"intersection": steps * (per_sample - 7), "union": steps * per_sample}
-  assert steps * per_sample > 2 ** 31
+  assert steps * per_sample > 2**31
   assert total.compute() == (per_sample - 7) / per_sample
 
 
@@ -313,7 +354,7 @@ def test_train_metrics_match_numpy():
     logits = rng.normal(0, 1, (4, P, P)).astype(np.float32)
     for b in range(4):
       top, left, size = rng.integers(0, P // 2, 3)
-      target[b, top:top + size + 1, left:left + size + 1] = 1
+      target[b, top : top + size + 1, left : left + size + 1] = 1
       logits[b] += np.where(target[b] > 0, 2.0, -2.0) * rng.uniform(0, 2)
     if step == 0:
       target[0], logits[0] = 0, -5.0  # Both empty: IoU 1.
@@ -347,8 +388,9 @@ def test_train_step_outputs_accept_channel_dim_and_downsampled_targets():
   out = metrics.train_step_outputs(logits, target, jnp.float32(0.5), THRESHOLD)
   pred = logits[..., 0] > np.log(THRESHOLD / (1 - THRESHOLD))
   truth = np.asarray(target) > 0
-  np.testing.assert_array_equal(np.asarray(out["iou"]), iou_f32((pred & truth).sum(axis=(1, 2)),
-                                                                (pred | truth).sum(axis=(1, 2))))
+  np.testing.assert_array_equal(
+    np.asarray(out["iou"]), iou_f32((pred & truth).sum(axis=(1, 2)), (pred | truth).sum(axis=(1, 2)))
+  )
   assert out["loss"].shape == ()
 
 
@@ -356,8 +398,24 @@ def test_train_step_outputs_accept_channel_dim_and_downsampled_targets():
 
 # Every aspect ratio: landscape, portrait, square, odd roundings, tiny images (upscaled), very thin images whose
 # resized side is 2–30 canvas pixels (under the stride of 4 down to half a prediction pixel).
-ORACLE_SIZES = [(480, 640), (640, 427), (640, 640), (333, 500), (612, 612), (640, 481), (45, 600), (100, 77),
-                (7, 9), (1, 1), (640, 40), (30, 640), (640, 5), (3, 640), (2, 640), (640, 2)]
+ORACLE_SIZES = [
+  (480, 640),
+  (640, 427),
+  (640, 640),
+  (333, 500),
+  (612, 612),
+  (640, 481),
+  (45, 600),
+  (100, 77),
+  (7, 9),
+  (1, 1),
+  (640, 40),
+  (30, 640),
+  (640, 5),
+  (3, 640),
+  (2, 640),
+  (640, 2),
+]
 # A resized side of 1 pixel sits at canvas row/column 239, which the stride-4 target grid (0, 4, …, 476) never
 # samples: the H/4 target of such an image is empty whatever the mask (nearest targets as CRIS), so no prediction
 # can score there. Kept apart so that a change of that behaviour shows up here.
@@ -381,7 +439,7 @@ def oracle_mask(h, w, nh, nw):
     field += ((xx - 0.55 * w) / (0.3 * w)) ** 2
   mask = field < 1
   if min(nh, nw) >= 64:
-    mask[int(0.85 * h):, int(0.8 * w):] = True
+    mask[int(0.85 * h) :, int(0.8 * w) :] = True
   return mask.astype(np.uint8)
 
 
@@ -399,8 +457,12 @@ def oracle_batch(sizes):
 
   n = len(sizes)
   logits, targets = np.zeros((n, P, P), np.float32), np.zeros((n, P, P), np.uint8)
-  batch = {"resized_hw": np.zeros((n, 2), np.int32), "offset": np.zeros((n, 2), np.int32),
-           "orig_hw": np.array(sizes, np.int32), "orig_mask": np.zeros((n, K, K), np.uint8)}
+  batch = {
+    "resized_hw": np.zeros((n, 2), np.int32),
+    "offset": np.zeros((n, 2), np.int32),
+    "orig_hw": np.array(sizes, np.int32),
+    "orig_mask": np.zeros((n, K, K), np.uint8),
+  }
   for b, (h, w) in enumerate(sizes):
     nh, nw, _, _ = letterbox_geometry(h, w)
     mask = oracle_mask(h, w, max(nh, 1), max(nw, 1))
@@ -429,8 +491,9 @@ def test_training_target_as_prediction_scores_near_one_in_the_original_frame():
   assert result["count"] == len(ORACLE_SIZES)
   assert result["mIoU"] >= 0.985 and iou.min() >= 0.975, dict(zip(ORACLE_SIZES, iou.round(4)))
   # Where the errors are: the per-pixel map the eval path thresholds (it must reproduce its counts exactly).
-  prob = np.asarray(image_ops.inverse_letterbox(jax.nn.sigmoid(logits), batch["resized_hw"], batch["offset"],
-                                                batch["orig_hw"], K, S))
+  prob = np.asarray(
+    image_ops.inverse_letterbox(jax.nn.sigmoid(logits), batch["resized_hw"], batch["offset"], batch["orig_hw"], K, S)
+  )
   for b, (h, w) in enumerate(ORACLE_SIZES):
     pred, truth = prob[b, :h, :w] > THRESHOLD, batch["orig_mask"][b, :h, :w] > 0
     assert (pred & truth).sum() == outputs["intersection"][b] and (pred | truth).sum() == outputs["union"][b]

@@ -1,10 +1,10 @@
 """FCNet model tests on the tiny config: shapes, gradients, text masking, precision, resolution checks."""
+
 import functools
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -23,7 +23,7 @@ def make_tokens(rng: np.random.Generator, batch: int, length: int, lengths=None)
   for b in range(batch):
     n = lengths[b] if lengths is not None else rng.integers(1, length - 1)
     tokens[b, 0] = SOS
-    tokens[b, 1:n + 1] = rng.integers(1, 49000, n)
+    tokens[b, 1 : n + 1] = rng.integers(1, 49000, n)
     tokens[b, n + 1] = EOS
   return tokens
 
@@ -50,11 +50,20 @@ def abstract_init(model, batch=2):
   return variables, images, tokens
 
 
-@pytest.mark.parametrize("overrides", [
-    {}, {"num_emphasis": 1}, {"num_emphasis": 16}, {"use_egm": False}, {"use_ecm": False},
-    {"egm_layernorm": False}, {"calibration_gate": "sigmoid"}, {"calibration_gate": "softmax"},
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    {},
+    {"num_emphasis": 1},
+    {"num_emphasis": 16},
+    {"use_egm": False},
+    {"use_ecm": False},
+    {"egm_layernorm": False},
+    {"calibration_gate": "sigmoid"},
+    {"calibration_gate": "softmax"},
     {"egm_heads": 2, "egm_query_init_scale": 4.0, "text_embed_init_std": 1.0},
-])
+  ],
+)
 def test_intermediate_shapes(overrides):
   model = tiny_model(**overrides)
   variables, images, tokens = abstract_init(model)
@@ -115,8 +124,14 @@ def test_every_parameter_gets_gradient(overrides):
   target = (jax.random.uniform(jax.random.key(3), (4, 16, 16)) > 0.5).astype(jnp.float32)
 
   def loss_fn(params):
-    logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, tokens,
-                            train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    logits, _ = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      images,
+      tokens,
+      train=True,
+      rngs={"dropout": jax.random.key(1)},
+      mutable=["batch_stats"],
+    )
     return jnp.mean((jax.nn.sigmoid(logits) - target) ** 2)
 
   grads = jax.jit(jax.grad(loss_fn))(variables["params"])
@@ -130,9 +145,12 @@ def test_every_parameter_gets_gradient(overrides):
 
 def test_init_scales_multiply_the_default_init():
   # egm_query_init_scale and text_embed_init_std rescale the same random draws; every other parameter is unchanged.
-  shapes = lambda model: jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                                        jnp.zeros((1, model.image_size, model.image_size, 3)),
-                                        jnp.zeros((1, model.context_length), jnp.int32))
+  shapes = lambda model: jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    jnp.zeros((1, model.image_size, model.image_size, 3)),
+    jnp.zeros((1, model.context_length), jnp.int32),
+  )
   base_model, scaled_model = tiny_model(), tiny_model(egm_query_init_scale=4.0, text_embed_init_std=0.1)
   assert jax.tree.map(lambda x: x.shape, shapes(base_model)) == jax.tree.map(lambda x: x.shape, shapes(scaled_model))
   base, _, _ = init(base_model)
@@ -168,7 +186,8 @@ def test_padding_after_eos_leaves_outputs_unchanged():
     v_long, _, _ = init(long_m)
     v_short = flax.core.unfreeze(jax.tree.map(lambda x: x, v_long))
     v_short["params"]["text_encoder"]["positional_embedding"] = v_long["params"]["text_encoder"][
-        "positional_embedding"][:8]
+      "positional_embedding"
+    ][:8]
     out_l = jax.jit(long_m.apply)(v_long, images, tokens_long)
     out_s = jax.jit(short_m.apply)(v_short, images, tokens_short)
     np.testing.assert_allclose(out_l, out_s, rtol=1e-4, atol=1e-5)
@@ -247,9 +266,17 @@ def test_pos_embed_resize_identity_and_torch_bicubic():
   np.testing.assert_array_equal(image_encoder.resize_pos_embed(pos, (7, 7)), pos)
   torch = pytest.importorskip("torch")
   for grid in [(15, 15), (13, 13), (4, 4), (7, 7), (9, 5)]:
-    ref = torch.nn.functional.interpolate(
-        torch.from_numpy(pos.astype(np.float64)).reshape(1, 7, 7, 6).permute(0, 3, 1, 2), size=grid,
-        mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+    ref = (
+      torch.nn.functional.interpolate(
+        torch.from_numpy(pos.astype(np.float64)).reshape(1, 7, 7, 6).permute(0, 3, 1, 2),
+        size=grid,
+        mode="bicubic",
+        align_corners=False,
+      )
+      .permute(0, 2, 3, 1)
+      .reshape(-1, 6)
+      .numpy()
+    )
     np.testing.assert_allclose(image_encoder.resize_pos_embed(pos, grid), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -267,16 +294,25 @@ def test_sine_encoding_matches_formula():
 def test_upsample_matches_torch_bilinear():
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
-  ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear",
-                                        align_corners=False).permute(0, 2, 3, 1).numpy()
+  ref = (
+    torch.nn.functional.interpolate(
+      torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False
+    )
+    .permute(0, 2, 3, 1)
+    .numpy()
+  )
   np.testing.assert_allclose(layers.upsample2x(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("config_fn,expected", [
+@pytest.mark.parametrize(
+  "config_fn,expected",
+  [
     (default.get_config, 172_390_530),
-])
+  ],
+)
 def test_full_size_parameter_count(config_fn, expected):
   from fcnet_jax.tools import summary  # pylint: disable=g-import-not-at-top
+
   variables = summary.abstract_variables(fcnet.build_model(config_fn().model))
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])) == expected
 
@@ -286,25 +322,39 @@ def test_config_overrides_from_command_line():
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   script = (
-      "from absl import app, flags\n"
-      "from ml_collections import config_flags\n"
-      "from fcnet_jax.models import fcnet\n"
-      "config_flags.DEFINE_config_file('config')\n"
-      "def main(_):\n"
-      "  m = fcnet.build_model(flags.FLAGS.config.model)\n"
-      "  print('RESULT', m.num_emphasis, m.use_ecm, m.context_length)\n"
-      "app.run(main)\n")
-  out = subprocess.run([sys.executable, "-c", script, "--config=configs/refcocog_r101.py",
-                        "--config.model.num_emphasis=8", "--config.model.use_ecm=False"],
-                       cwd=root, capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+    "from absl import app, flags\n"
+    "from ml_collections import config_flags\n"
+    "from fcnet_jax.models import fcnet\n"
+    "config_flags.DEFINE_config_file('config')\n"
+    "def main(_):\n"
+    "  m = fcnet.build_model(flags.FLAGS.config.model)\n"
+    "  print('RESULT', m.num_emphasis, m.use_ecm, m.context_length)\n"
+    "app.run(main)\n"
+  )
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      script,
+      "--config=configs/refcocog_r101.py",
+      "--config.model.num_emphasis=8",
+      "--config.model.use_ecm=False",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+    env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"},
+  )
   assert "RESULT 8 False 22" in out.stdout, out.stdout + out.stderr
 
 
 def test_mask_loss_is_bce_plus_weighted_dice_over_valid_examples():
   from fcnet_jax.models import mask_head  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(3)
   logits = rng.normal(0, 3, (4, 6, 5)).astype(np.float32)
   target = (rng.random((4, 6, 5)) > 0.8).astype(np.float32)
@@ -315,8 +365,9 @@ def test_mask_loss_is_bce_plus_weighted_dice_over_valid_examples():
   dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
   np.testing.assert_allclose(mask_head.dice_loss(logits, target), dice, rtol=1e-5)
   np.testing.assert_allclose(mask_head.mask_loss(logits, target, weights), bce[:3].mean(), rtol=1e-5)
-  np.testing.assert_allclose(mask_head.mask_loss(logits, target, weights, dice_weight=0.5),
-                             (bce + 0.5 * dice)[:3].mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    mask_head.mask_loss(logits, target, weights, dice_weight=0.5), (bce + 0.5 * dice)[:3].mean(), rtol=1e-5
+  )
   # A confident empty prediction of an empty object costs no Dice; a confident exact prediction almost none.
   assert float(mask_head.dice_loss(np.full((1, 3, 3), -30.0), np.zeros((1, 3, 3)))[0]) < 1e-6
   exact = np.where(target[:1] > 0, 30.0, -30.0)

@@ -3,6 +3,7 @@
 The shards are written here from PIL images with `records.make_example`, so the tests do not depend on the
 converter; token truncation is checked against `fcnet_jax.tokenizer.tokenize` on real sentences.
 """
+
 import collections
 import io
 import os
@@ -60,7 +61,7 @@ def _polygon_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarr
 def _sentence_tokens(rng: np.random.Generator, length: int) -> np.ndarray:
   row = np.zeros(STORED, np.int64)
   words = rng.integers(1, 49405, size=length)
-  row[:length + 2] = [SOT, *words, EOT][:STORED]
+  row[: length + 2] = [SOT, *words, EOT][:STORED]
   if length + 2 > STORED:
     row[-1] = EOT
   return row
@@ -87,18 +88,32 @@ def _make_ref(rng, ref_id, height, width, num_sentences, fmt="PNG", mode=None, w
     decoded = image
   else:  # Lossy or converted: the reference is what PIL decodes.
     decoded = np.asarray(PIL.Image.open(io.BytesIO(encoded)).convert("RGB"))
-  return {"ref_id": ref_id, "image": decoded, "encoded": encoded, "mask": mask, "tokens": tokens,
-          "sent_ids": [ref_id * 10 + k for k in range(len(tokens))]}
+  return {
+    "ref_id": ref_id,
+    "image": decoded,
+    "encoded": encoded,
+    "mask": mask,
+    "tokens": tokens,
+    "sent_ids": [ref_id * 10 + k for k in range(len(tokens))],
+  }
 
 
 def _example_bytes(ref) -> bytes:
   height, width = ref["mask"].shape
   return records.make_example(
-      image=ref["encoded"], height=height, width=width, mask_png=_encode(ref["mask"], "PNG"),
-      ref_id=ref["ref_id"], ann_id=ref["ref_id"] + 1000, image_id=ref["ref_id"] + 2000, category_id=1,
-      bbox=[0.0, 0.0, width, height],
-      sents=ref.get("sents", [f"sentence {s}" for s in ref["sent_ids"]]), sent_ids=ref["sent_ids"],
-      tokens=ref["tokens"])
+    image=ref["encoded"],
+    height=height,
+    width=width,
+    mask_png=_encode(ref["mask"], "PNG"),
+    ref_id=ref["ref_id"],
+    ann_id=ref["ref_id"] + 1000,
+    image_id=ref["ref_id"] + 2000,
+    category_id=1,
+    bbox=[0.0, 0.0, width, height],
+    sents=ref.get("sents", [f"sentence {s}" for s in ref["sent_ids"]]),
+    sent_ids=ref["sent_ids"],
+    tokens=ref["tokens"],
+  )
 
 
 def _write_split(data_dir: str, split: str, shards, summary_sentences=None):
@@ -114,14 +129,28 @@ def _write_split(data_dir: str, split: str, shards, summary_sentences=None):
   if os.path.exists(summary_path):
     summary = fileio.read_json(summary_path)
   sentences = sum(len(r["sent_ids"]) for refs in shards for r in refs)
-  summary["splits"][split] = {"refs": sum(len(refs) for refs in shards),
-                              "sentences": sentences if summary_sentences is None else summary_sentences,
-                              "shards": len(shards)}
+  summary["splits"][split] = {
+    "refs": sum(len(refs) for refs in shards),
+    "sentences": sentences if summary_sentences is None else summary_sentences,
+    "shards": len(shards),
+  }
   fileio.write_json(summary_path, summary)
 
 
-EXTREME_SIZES = [(640, 40), (30, 640), (1, 1), (480, 640), (427, 640), (640, 427), (100, 120), (333, 500),
-                 (2, 3), (640, 640), (37, 53), (200, 7)]
+EXTREME_SIZES = [
+  (640, 40),
+  (30, 640),
+  (1, 1),
+  (480, 640),
+  (427, 640),
+  (640, 427),
+  (100, 120),
+  (333, 500),
+  (2, 3),
+  (640, 640),
+  (37, 53),
+  (200, 7),
+]
 
 
 @pytest.fixture(scope="module")
@@ -132,19 +161,26 @@ def data(tmp_path_factory):
   train = [_make_ref(rng, 100 + i, *rng.integers(20, 90, size=2), num_sentences=1 + i % 3) for i in range(24)]
   train_shards = [train[:7], train[7:12], train[12:18], train[18:]]
   _write_split(data_dir, "train", train_shards)
-  val = [_make_ref(rng, 500 + i, *rng.integers(20, 90, size=2), num_sentences=1 + (i * 7) % 3)
-         for i in range(11)]
+  val = [_make_ref(rng, 500 + i, *rng.integers(20, 90, size=2), num_sentences=1 + (i * 7) % 3) for i in range(11)]
   val_shards = [val[:4], val[4:5], val[5:]]
   _write_split(data_dir, "val", val_shards)
   shapes = [_make_ref(rng, 900 + i, h, w, 1) for i, (h, w) in enumerate(EXTREME_SIZES)]
   shapes[2]["mask"][:] = 1  # 1×1: a full mask (a polygon cannot be drawn on one pixel).
-  shapes += [_make_ref(rng, 950, 120, 90, 1, fmt="JPEG"),            # Lossy JPEG.
-             _make_ref(rng, 951, 64, 80, 1, fmt="JPEG", mode="L"),  # Grayscale JPEG.
-             _make_ref(rng, 952, 50, 70, 1, fmt="JPEG", mode="CMYK"),
-             _make_ref(rng, 953, 40, 30, 2, word_counts=[40, 1])]   # Long and short sentences.
+  shapes += [
+    _make_ref(rng, 950, 120, 90, 1, fmt="JPEG"),  # Lossy JPEG.
+    _make_ref(rng, 951, 64, 80, 1, fmt="JPEG", mode="L"),  # Grayscale JPEG.
+    _make_ref(rng, 952, 50, 70, 1, fmt="JPEG", mode="CMYK"),
+    _make_ref(rng, 953, 40, 30, 2, word_counts=[40, 1]),
+  ]  # Long and short sentences.
   _write_split(data_dir, "shapes", [shapes])
-  return {"dir": data_dir, "train": train, "train_shards": train_shards, "val": val, "val_shards": val_shards,
-          "shapes": shapes}
+  return {
+    "dir": data_dir,
+    "train": train,
+    "train_shards": train_shards,
+    "val": val,
+    "val_shards": val_shards,
+    "shapes": shapes,
+  }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -183,7 +219,7 @@ def _np_resize(array, out_h, out_w):
 def _np_inverse_letterbox(canvas_mask, height, width, resized, offset):
   """Maps an S×S letterboxed mask back to h×w: float64 bilinear of the inverse affine map, ≥ 0.5."""
   (nh, nw), (top, left) = resized, offset
-  valid = canvas_mask[top:top + nh, left:left + nw]
+  valid = canvas_mask[top : top + nh, left : left + nw]
   ys = (np.arange(height) + 0.5) * nh / height - 0.5
   xs = (np.arange(width) + 0.5) * nw / width - 0.5
   return _np_bilinear(valid, ys, xs) >= 0.5
@@ -208,8 +244,9 @@ def _unbatch(batches):
 
 @pytest.fixture(scope="module")
 def shape_examples(data):
-  batches = _all_batches(pipeline.eval_iterator(data["dir"], "shapes", image_size=480, context_length=5,
-                                                batch_size=4, canvas=640))
+  batches = _all_batches(
+    pipeline.eval_iterator(data["dir"], "shapes", image_size=480, context_length=5, batch_size=4, canvas=640)
+  )
   examples = [e for e in _unbatch(batches) if e["valid"]]
   by_key = {(int(e["ref_id"]), int(e["sent_id"])): e for e in examples}
   assert len(by_key) == len(examples) == sum(len(r["sent_ids"]) for r in data["shapes"])
@@ -225,11 +262,19 @@ def test_letterbox_fields_match_numpy(data, shape_examples):
     assert tuple(example["resized_hw"]) == resized, (height, width)
     assert tuple(example["offset"]) == offset, (height, width)
     assert example["scale"] == np.float32(scale)
-    for key, dtype, shape in [("image", np.uint8, (480, 480, 3)), ("mask", np.uint8, (480, 480)),
-                              ("tokens", np.int32, (5,)), ("orig_hw", np.int32, (2,)),
-                              ("resized_hw", np.int32, (2,)), ("offset", np.int32, (2,)),
-                              ("scale", np.float32, ()), ("ref_id", np.int64, ()), ("sent_id", np.int64, ()),
-                              ("valid", np.bool_, ()), ("orig_mask", np.uint8, (640, 640))]:
+    for key, dtype, shape in [
+      ("image", np.uint8, (480, 480, 3)),
+      ("mask", np.uint8, (480, 480)),
+      ("tokens", np.int32, (5,)),
+      ("orig_hw", np.int32, (2,)),
+      ("resized_hw", np.int32, (2,)),
+      ("offset", np.int32, (2,)),
+      ("scale", np.float32, ()),
+      ("ref_id", np.int64, ()),
+      ("sent_id", np.int64, ()),
+      ("valid", np.bool_, ()),
+      ("orig_mask", np.uint8, (640, 640)),
+    ]:
       assert example[key].dtype == dtype and example[key].shape == shape, key
 
 
@@ -238,11 +283,11 @@ def test_letterbox_image_and_padding(data, shape_examples):
     example = shape_examples[(ref["ref_id"], ref["sent_ids"][0])]
     (nh, nw), (top, left) = example["resized_hw"], example["offset"]
     inside = np.zeros((480, 480), bool)
-    inside[top:top + nh, left:left + nw] = True
+    inside[top : top + nh, left : left + nw] = True
     np.testing.assert_array_equal(example["image"][~inside], np.broadcast_to(MEAN, (np.sum(~inside), 3)))
     assert not example["mask"][~inside].any()
     expected = np.round(_np_resize(ref["image"], nh, nw))
-    got = example["image"][top:top + nh, left:left + nw].astype(np.float64)
+    got = example["image"][top : top + nh, left : left + nw].astype(np.float64)
     # JPEG decoders (libjpeg in TF vs PIL) differ by a few levels; PNG must match up to float32 rounding.
     is_png = ref["encoded"][:4] == b"\x89PNG"
     assert np.abs(got - expected).max() <= (1 if is_png else 5), ref["mask"].shape
@@ -255,7 +300,7 @@ def test_mask_letterbox_matches_numpy_and_inverts(data, shape_examples):
     height, width = ref["mask"].shape
     (nh, nw), (top, left) = example["resized_hw"], example["offset"]
     forward = _np_resize(ref["mask"], nh, nw) >= 0.5
-    got = example["mask"][top:top + nh, left:left + nw]
+    got = example["mask"][top : top + nh, left : left + nw]
     # float32 (TF) vs float64 (NumPy) interpolation may disagree on pixels that sit at 0.5 exactly.
     assert np.mean(got != forward) < 1e-3, (height, width)
     back = _np_inverse_letterbox(example["mask"].astype(np.float64), height, width, (nh, nw), (top, left))
@@ -298,14 +343,15 @@ def test_truncate_tokens_matches_clip_rule():
 
 # Real sentences whose CLIP BPE holds id 0: "!" that does not end a word, inside a run of punctuation ("dog!;"
 # is [SOS] dog 0 ; [EOS]). _BANG_WORDS[:k] + "!;" puts the 0 at index k + 1.
-_BANG_WORDS = ("the man in the red shirt on the left side of the picture next to the tall woman holding a small "
-               "white dog").split()
+_BANG_WORDS = (
+  "the man in the red shirt on the left side of the picture next to the tall woman holding a small white dog"
+).split()
 BANG_LENGTHS = (2, 3, 5, 8, 17, 22)  # L values at which the 0 lands exactly at index L.
 
 
 def _bang_sentences():
   texts = ["!~", "dog!;", "the dog!;", "left cat!/", "the bird!~ on top", "man on the left!=right"]
-  texts += [" ".join(_BANG_WORDS[:length - 1]) + "!;" for length in BANG_LENGTHS]
+  texts += [" ".join(_BANG_WORDS[: length - 1]) + "!;" for length in BANG_LENGTHS]
   return texts
 
 
@@ -326,8 +372,9 @@ def test_truncation_of_sentences_containing_id_0_agrees_with_the_tokenizer():
   texts = _bang_sentences()
   stored = tokenizer.tokenize(texts, STORED)
   for length in range(2, 26):
-    np.testing.assert_array_equal(records.truncate_tokens(stored, length).numpy(), tokenizer.tokenize(texts, length),
-                                  err_msg=f"L={length}")
+    np.testing.assert_array_equal(
+      records.truncate_tokens(stored, length).numpy(), tokenizer.tokenize(texts, length), err_msg=f"L={length}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +386,7 @@ def bang_data(tmp_path_factory):
   refs = []
   for i in range(0, len(texts), 2):
     ref = _make_ref(rng, 700 + i, 12, 16, 1)
-    ref["sents"] = texts[i:i + 2]
+    ref["sents"] = texts[i : i + 2]
     ref["sent_ids"] = [7000 + i + k for k in range(len(ref["sents"]))]
     ref["tokens"] = np.asarray(tokenizer.tokenize(ref["sents"], STORED))
     refs.append(ref)
@@ -350,16 +397,26 @@ def bang_data(tmp_path_factory):
 @pytest.mark.parametrize("length", BANG_LENGTHS)
 def test_pipeline_batches_of_sentences_containing_id_0_end_with_eos(bang_data, length):
   data_dir, text_of = bang_data
-  examples = [e for e in _unbatch(_all_batches(pipeline.eval_iterator(
-      data_dir, "bang", image_size=8, context_length=length, batch_size=4, canvas=16))) if e["valid"]]
+  examples = [
+    e
+    for e in _unbatch(
+      _all_batches(
+        pipeline.eval_iterator(data_dir, "bang", image_size=8, context_length=length, batch_size=4, canvas=16)
+      )
+    )
+    if e["valid"]
+  ]
   assert sorted(int(e["sent_id"]) for e in examples) == sorted(text_of)
   for e in examples:
     text = text_of[int(e["sent_id"])]
     np.testing.assert_array_equal(e["tokens"], tokenizer.tokenize(text, length)[0], err_msg=text)
     assert EOT in e["tokens"], text  # The text encoder reads the sentence feature at [EOS].
   # The training stream cuts the tokens the same way.
-  batch = next(pipeline.train_iterator(data_dir, "bang", image_size=8, context_length=length,
-                                       batch_size=len(text_of) // 2, seed=0, shuffle_buffer=8))
+  batch = next(
+    pipeline.train_iterator(
+      data_dir, "bang", image_size=8, context_length=length, batch_size=len(text_of) // 2, seed=0, shuffle_buffer=8
+    )
+  )
   for tokens, sent_id in zip(batch["tokens"], batch["sent_id"]):
     np.testing.assert_array_equal(tokens, tokenizer.tokenize(text_of[int(sent_id)], length)[0])
 
@@ -377,19 +434,28 @@ def _thin_ref(ref_id, height, width):
   image = np.stack([grey, 255 - grey, np.full_like(grey, 60)], -1).round().astype(np.uint8)
   mask = np.zeros((height, width), np.uint8)
   if height > width:
-    mask[height // 4:3 * height // 4] = 1
+    mask[height // 4 : 3 * height // 4] = 1
   else:
-    mask[:, width // 4:3 * width // 4] = 1
-  return {"ref_id": ref_id, "image": image, "encoded": _encode(image, "PNG"), "mask": mask,
-          "tokens": tokenizer.tokenize(["thin"], STORED), "sent_ids": [ref_id]}
+    mask[:, width // 4 : 3 * width // 4] = 1
+  return {
+    "ref_id": ref_id,
+    "image": image,
+    "encoded": _encode(image, "PNG"),
+    "mask": mask,
+    "tokens": tokenizer.tokenize(["thin"], STORED),
+    "sent_ids": [ref_id],
+  }
 
 
 def test_letterbox_of_extreme_aspect_ratios(tmp_path):
   size = 64
   refs = [_thin_ref(800 + i, h, w) for i, (h, w) in enumerate(THIN_SIZES)]
   _write_split(str(tmp_path), "thin", [refs])
-  batch = next(pipeline.train_iterator(str(tmp_path), "thin", image_size=size, context_length=5,
-                                       batch_size=len(refs), seed=0, shuffle_buffer=1))
+  batch = next(
+    pipeline.train_iterator(
+      str(tmp_path), "thin", image_size=size, context_length=5, batch_size=len(refs), seed=0, shuffle_buffer=1
+    )
+  )
   short_sides = set()
   for i, ref_id in enumerate(batch["ref_id"]):
     ref = refs[int(ref_id) - 800]
@@ -401,19 +467,19 @@ def test_letterbox_of_extreme_aspect_ratios(tmp_path):
     short_sides.add(min(nh, nw))
     assert max(nh, nw) == size
     inside = np.zeros((size, size), bool)
-    inside[top:top + nh, left:left + nw] = True
+    inside[top : top + nh, left : left + nw] = True
     # Padding: the mean colour around the strip, no foreground there; the strip is centred.
     np.testing.assert_array_equal(batch["image"][i][~inside], np.broadcast_to(MEAN, (np.sum(~inside), 3)))
     assert not batch["mask"][i][~inside].any()
     assert abs((size - nh - top) - top) <= 1 and abs((size - nw - left) - left) <= 1
-    got = batch["image"][i][top:top + nh, left:left + nw].astype(np.float64)
+    got = batch["image"][i][top : top + nh, left : left + nw].astype(np.float64)
     assert np.abs(got - np.round(_np_resize(ref["image"], nh, nw))).max() <= 1, (height, width)
     # The mask keeps the middle half of the long side over the whole short side.
-    strip = batch["mask"][i][top:top + nh, left:left + nw]
+    strip = batch["mask"][i][top : top + nh, left : left + nw]
     np.testing.assert_array_equal(strip, _np_resize(ref["mask"], nh, nw) >= 0.5, err_msg=str((height, width)))
     profile = strip.min(axis=1) if nh > nw else strip.min(axis=0)
     assert np.array_equal(profile, strip.max(axis=1) if nh > nw else strip.max(axis=0))
-    assert profile.sum() == size // 2 and profile[size // 4:3 * size // 4].all(), (height, width)
+    assert profile.sum() == size // 2 and profile[size // 4 : 3 * size // 4].all(), (height, width)
   assert short_sides == {1, 2, 3}
 
 
@@ -474,10 +540,10 @@ def test_train_epochs_cover_disjoint_process_parts(data, process_count):
     stream = _train(data, process_index=process_index, process_count=process_count, batch_size=1)
     seen = [int(b["ref_id"][0]) for b in _take(stream, 2 * len(expected))]
     # Every epoch of this process visits each of its refs exactly once.
-    assert sorted(seen[:len(expected)]) == sorted(expected)
-    assert sorted(seen[len(expected):]) == sorted(expected)
-    reshuffled.append(seen[:len(expected)] != seen[len(expected):])
-    union += seen[:len(expected)]
+    assert sorted(seen[: len(expected)]) == sorted(expected)
+    assert sorted(seen[len(expected) :]) == sorted(expected)
+    reshuffled.append(seen[: len(expected)] != seen[len(expected) :])
+    union += seen[: len(expected)]
   assert sorted(union) == sorted(r["ref_id"] for r in data["train"])
   assert any(reshuffled)  # Each epoch has its own order.
 
@@ -503,7 +569,7 @@ def test_train_example_content_matches_numpy(data):
     resized, offset, _ = _np_letterbox_params(*ref["mask"].shape, 48)
     (top, left), (nh, nw) = offset, resized
     expected = np.round(_np_resize(ref["image"], nh, nw))
-    got = batch["image"][i, top:top + nh, left:left + nw].astype(np.float64)
+    got = batch["image"][i, top : top + nh, left : left + nw].astype(np.float64)
     assert np.abs(got - expected).max() <= 1
     assert tuple(batch["orig_hw"][i]) == ref["mask"].shape
 
@@ -522,9 +588,18 @@ def test_eval_every_pair_once_across_processes(data, batch_size):
   first_pair = pairs[0]
   got, counts = [], []
   for process_index in range(2):
-    batches = _all_batches(pipeline.eval_iterator(
-        data["dir"], "val", image_size=32, context_length=8, batch_size=batch_size,
-        process_index=process_index, process_count=2, canvas=96))
+    batches = _all_batches(
+      pipeline.eval_iterator(
+        data["dir"],
+        "val",
+        image_size=32,
+        context_length=8,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=2,
+        canvas=96,
+      )
+    )
     counts.append(len(batches))
     assert all(b["image"].shape == (batch_size, 32, 32, 3) for b in batches)
     examples = _unbatch(batches)
@@ -540,32 +615,32 @@ def test_eval_every_pair_once_across_processes(data, batch_size):
 
 
 def test_eval_single_process_order_and_orig_mask(data):
-  examples = _unbatch(_all_batches(pipeline.eval_iterator(
-      data["dir"], "val", image_size=32, context_length=8, batch_size=5, canvas=96)))
+  examples = _unbatch(
+    _all_batches(pipeline.eval_iterator(data["dir"], "val", image_size=32, context_length=8, batch_size=5, canvas=96))
+  )
   pairs = _expected_pairs(data, "val")
-  assert [(int(e["ref_id"]), int(e["sent_id"])) for e in examples[:len(pairs)]] == pairs
-  assert not any(e["valid"] for e in examples[len(pairs):])
+  assert [(int(e["ref_id"]), int(e["sent_id"])) for e in examples[: len(pairs)]] == pairs
+  assert not any(e["valid"] for e in examples[len(pairs) :])
   refs = {r["ref_id"]: r for r in data["val"]}
-  for e in examples[:len(pairs)]:
+  for e in examples[: len(pairs)]:
     mask = refs[int(e["ref_id"])]["mask"]
-    assert not e["orig_mask"][mask.shape[0]:].any() and not e["orig_mask"][:, mask.shape[1]:].any()
-    np.testing.assert_array_equal(e["orig_mask"][:mask.shape[0], :mask.shape[1]], mask)
+    assert not e["orig_mask"][mask.shape[0] :].any() and not e["orig_mask"][:, mask.shape[1] :].any()
+    np.testing.assert_array_equal(e["orig_mask"][: mask.shape[0], : mask.shape[1]], mask)
 
 
 @pytest.mark.parametrize("claimed_offset", [-1, 1])
 def test_eval_pair_count_mismatch_raises(data, tmp_path, claimed_offset):
   data_dir = str(tmp_path)
-  _write_split(data_dir, "val", data["val_shards"],
-               summary_sentences=len(_expected_pairs(data, "val")) + claimed_offset)
+  _write_split(
+    data_dir, "val", data["val_shards"], summary_sentences=len(_expected_pairs(data, "val")) + claimed_offset
+  )
   with pytest.raises(tf.errors.InvalidArgumentError, match="summary.json says"):
-    _all_batches(pipeline.eval_iterator(data_dir, "val", image_size=16, context_length=8, batch_size=4,
-                                        canvas=96))
+    _all_batches(pipeline.eval_iterator(data_dir, "val", image_size=16, context_length=8, batch_size=4, canvas=96))
 
 
 def test_eval_image_larger_than_canvas_raises(data):
   with pytest.raises(tf.errors.InvalidArgumentError, match="larger than the evaluation canvas"):
-    _all_batches(pipeline.eval_iterator(data["dir"], "val", image_size=16, context_length=8, batch_size=4,
-                                        canvas=32))
+    _all_batches(pipeline.eval_iterator(data["dir"], "val", image_size=16, context_length=8, batch_size=4, canvas=32))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -574,8 +649,11 @@ def test_eval_image_larger_than_canvas_raises(data):
 
 def test_dataset_info_and_errors(data, tmp_path):
   info = pipeline.dataset_info(data["dir"])
-  assert info["splits"]["train"] == {"refs": 24, "sentences": sum(len(r["sent_ids"]) for r in data["train"]),
-                                     "shards": 4}
+  assert info["splits"]["train"] == {
+    "refs": 24,
+    "sentences": sum(len(r["sent_ids"]) for r in data["train"]),
+    "shards": 4,
+  }
   with pytest.raises(FileNotFoundError, match="summary.json"):
     pipeline.dataset_info(str(tmp_path))
   with pytest.raises(ValueError, match="'nope'.*has"):
@@ -583,8 +661,9 @@ def test_dataset_info_and_errors(data, tmp_path):
   with pytest.raises(ValueError, match="context_length"):
     pipeline.train_dataset(data["dir"], "train", image_size=32, context_length=78, batch_size=2, seed=0)
   with pytest.raises(ValueError, match="process_index"):
-    pipeline.eval_dataset(data["dir"], "val", image_size=32, context_length=8, batch_size=2, process_index=2,
-                          process_count=2)
+    pipeline.eval_dataset(
+      data["dir"], "val", image_size=32, context_length=8, batch_size=2, process_index=2, process_count=2
+    )
 
 
 def test_dataset_info_checks_dataset_and_split_by(data):
@@ -592,8 +671,12 @@ def test_dataset_info_checks_dataset_and_split_by(data):
   assert pipeline.dataset_info(data["dir"], "refcoco", "unc")["dataset"] == "refcoco"
   assert pipeline.dataset_info(data["dir"], dataset="refcoco")["split_by"] == "unc"
   # A RefCOCO+ configuration pointed at RefCOCO shards: the error names both datasets and the file.
-  with pytest.raises(ValueError, match=(f"{re.escape(path)} holds dataset='refcoco', split_by='unc', but the "
-                                        "configuration asks for dataset='refcoco\\+'")):
+  with pytest.raises(
+    ValueError,
+    match=(
+      f"{re.escape(path)} holds dataset='refcoco', split_by='unc', but the configuration asks for dataset='refcoco\\+'"
+    ),
+  ):
     pipeline.dataset_info(data["dir"], "refcoco+", "unc")
   with pytest.raises(ValueError, match="holds dataset='refcoco', split_by='unc'.*asks for split_by='google'"):
     pipeline.dataset_info(data["dir"], split_by="google")
@@ -618,14 +701,23 @@ def test_count_records_reads_headers_and_rejects_truncated_files(data, tmp_path)
 def test_end_to_end_from_synthetic_refer_data(tmp_path):
   root, out = str(tmp_path / "refer"), str(tmp_path / "tfrecords")
   synthetic.generate(root, seed=0, num_train_images=6, num_eval_images=3, splits=("train", "val"))
-  convert.convert(root, os.path.join(root, "images"), "refcoco", "unc", out, splits=["train", "val"],
-                  num_workers=1, shard_size=8)
+  convert.convert(
+    root, os.path.join(root, "images"), "refcoco", "unc", out, splits=["train", "val"], num_workers=1, shard_size=8
+  )
   refs = {r["ref_id"]: r for r in load_refs(root)}
   masks = coco_masks(root)  # The official COCO API, independent of the converter.
   got = []
   for process_index in range(2):
-    for batch in pipeline.eval_iterator(out, "val", image_size=64, context_length=8, batch_size=4,
-                                        process_index=process_index, process_count=2, canvas=160):
+    for batch in pipeline.eval_iterator(
+      out,
+      "val",
+      image_size=64,
+      context_length=8,
+      batch_size=4,
+      process_index=process_index,
+      process_count=2,
+      canvas=160,
+    ):
       for e in _unbatch([batch]):
         if not e["valid"]:
           continue
@@ -633,7 +725,7 @@ def test_end_to_end_from_synthetic_refer_data(tmp_path):
         sentence = next(s for s in ref["sentences"] if s["sent_id"] == int(e["sent_id"]))
         np.testing.assert_array_equal(e["tokens"], tokenizer.tokenize(sentence["sent"], 8)[0])
         mask = masks[ref["ann_id"]]
-        np.testing.assert_array_equal(e["orig_mask"][:mask.shape[0], :mask.shape[1]], mask)
+        np.testing.assert_array_equal(e["orig_mask"][: mask.shape[0], : mask.shape[1]], mask)
         assert e["mask"].any()
         got.append((ref["ref_id"], sentence["sent_id"]))
   expected = [(r["ref_id"], s["sent_id"]) for r in refs.values() if r["split"] == "val" for s in r["sentences"]]
@@ -647,8 +739,16 @@ def test_end_to_end_from_synthetic_refer_data(tmp_path):
 
 
 def test_throughput_command_line_smoke(tmp_path):
-  done = run_module("input_pipeline.throughput", f"--data_dir={tmp_path}", "--write_fake=3", "--steps=1",
-                    "--warmup_steps=0", "--batch_size=2", "--image_size=32", "--shuffle_buffer=2")
+  done = run_module(
+    "input_pipeline.throughput",
+    f"--data_dir={tmp_path}",
+    "--write_fake=3",
+    "--steps=1",
+    "--warmup_steps=0",
+    "--batch_size=2",
+    "--image_size=32",
+    "--shuffle_buffer=2",
+  )
   assert done.returncode == 0, done.stderr
   assert re.search(r"[0-9.]+ examples/s on \d+ core\(s\)", done.stdout), done.stdout
   info = pipeline.dataset_info(str(tmp_path))

@@ -4,6 +4,7 @@ The referent of every sentence is re-derived from the written files only — sha
 category, colour from the JPEG pixels under the COCO-decoded mask, size from the mask's bounding box, position
 from the mask's centroid — and must be exactly the ref's own annotation.
 """
+
 import filecmp
 import io
 import os
@@ -59,15 +60,23 @@ def objects(default_root):
     interior[:-1] &= mask[1:]
     interior[:, 1:] &= mask[:, :-1]
     interior[:, :-1] &= mask[:, 1:]
-    pixels = np.asarray(entry["image"].convert("RGB")).reshape(-1, 3)[(interior if interior.any() else mask)
-                                                                      .reshape(-1)]
+    pixels = np.asarray(entry["image"].convert("RGB")).reshape(-1, 3)[
+      (interior if interior.any() else mask).reshape(-1)
+    ]
     median = np.median(pixels, axis=0)
     distances = {c: np.linalg.norm(median - np.array(rgb)) for c, rgb in synthetic.COLOURS.items()}
     entry["objects"][ann["id"]] = {
-        "ann": ann, "mask": mask, "shape": names[ann["category_id"]],
-        "colour": min(distances, key=distances.get), "colour_distance": min(distances.values()),
-        "size": "large" if extent > SIZE_THRESHOLD else "small", "extent": extent,
-        "cx": xs.mean() + 0.5, "cy": ys.mean() + 0.5, "median": median}
+      "ann": ann,
+      "mask": mask,
+      "shape": names[ann["category_id"]],
+      "colour": min(distances, key=distances.get),
+      "colour_distance": min(distances.values()),
+      "size": "large" if extent > SIZE_THRESHOLD else "small",
+      "extent": extent,
+      "cx": xs.mean() + 0.5,
+      "cy": ys.mean() + 0.5,
+      "median": median,
+    }
   return images
 
 
@@ -78,16 +87,21 @@ def _matches(obj, word, height, width):
     return obj["shape"] == word
   if word in SIZE_OF_WORD:
     return obj["size"] == SIZE_OF_WORD[word]
-  return {"left": obj["cx"] < width / 2, "right": obj["cx"] > width / 2,
-          "top": obj["cy"] < height / 2, "bottom": obj["cy"] > height / 2}[word]
+  return {
+    "left": obj["cx"] < width / 2,
+    "right": obj["cx"] > width / 2,
+    "top": obj["cy"] < height / 2,
+    "bottom": obj["cy"] > height / 2,
+  }[word]
 
 
 def test_every_sentence_names_exactly_its_own_object(default_root, objects):
   root, _ = default_root
   refs = load_refs(root)
   assert len(refs) > 300
-  vocabulary = (set(synthetic.COLOURS) | set(synthetic.SHAPES) | set(SIZE_OF_WORD)
-                | set(synthetic.POSITION_WORDS) | FILLER_WORDS)
+  vocabulary = (
+    set(synthetic.COLOURS) | set(synthetic.SHAPES) | set(SIZE_OF_WORD) | set(synthetic.POSITION_WORDS) | FILLER_WORDS
+  )
   for ref in refs:
     entry = objects[ref["image_id"]]
     h, w = entry["info"]["height"], entry["info"]["width"]
@@ -98,8 +112,9 @@ def test_every_sentence_names_exactly_its_own_object(default_root, objects):
       assert attribute_words, sentence
       if entry["image"].mode == "L":
         assert not set(words) & set(synthetic.COLOURS), f"colour word for a grayscale image: {sentence}"
-      named = [ann_id for ann_id, obj in entry["objects"].items()
-               if all(_matches(obj, word, h, w) for word in attribute_words)]
+      named = [
+        ann_id for ann_id, obj in entry["objects"].items() if all(_matches(obj, word, h, w) for word in attribute_words)
+      ]
       assert named == [ref["ann_id"]], (ref["ref_id"], sentence["sent"], named)
 
 
@@ -151,8 +166,7 @@ def test_refer_format(default_root):
   assert all(re.fullmatch(r"COCO_train2014_\d{12}\.jpg", i["file_name"]) for i in instances["images"])
   ref_ids, sent_ids = set(), set()
   for ref in refs:
-    assert set(ref) == {"ref_id", "ann_id", "image_id", "category_id", "split", "file_name", "sent_ids",
-                        "sentences"}
+    assert set(ref) == {"ref_id", "ann_id", "image_id", "category_id", "split", "file_name", "sent_ids", "sentences"}
     assert ref["split"] in ("train", "val", "testA", "testB")
     ann = anns[ref["ann_id"]]
     assert (ann["image_id"], ann["category_id"]) == (ref["image_id"], ref["category_id"])
@@ -197,9 +211,18 @@ def test_annotation_variety_and_language_mix(default_root):
   assert with_position == summary["position_sentences"]
   assert 0.02 < with_position / len(sentences) < 0.2  # A simple minority; attributes are the majority.
   # Colour-only, shape-only and size-only phrases all occur, and so do combinations.
-  kinds = {tuple(sorted({k for k, vocab in (("colour", synthetic.COLOURS), ("shape", synthetic.SHAPES),
-                                             ("size", SIZE_OF_WORD)) if set(words) & set(vocab)}))
-           for words in sentences}
+  kinds = {
+    tuple(
+      sorted(
+        {
+          k
+          for k, vocab in (("colour", synthetic.COLOURS), ("shape", synthetic.SHAPES), ("size", SIZE_OF_WORD))
+          if set(words) & set(vocab)
+        }
+      )
+    )
+    for words in sentences
+  }
   assert {("colour",), ("shape",), ("size",), ("colour", "shape"), ("shape", "size")} <= kinds
 
 
@@ -225,8 +248,7 @@ def test_deterministic_given_seed(tmp_path, default_root):
 @pytest.mark.parametrize("dataset,split_by", sorted(refer.SPLITS))
 def test_every_dataset_and_split_by_of_the_config(tmp_path, dataset, split_by):
   # config.data.dataset / split_by reach generate(): each known combination gets its own splits.
-  summary = synthetic.generate(str(tmp_path), num_train_images=1, num_eval_images=1, dataset=dataset,
-                               split_by=split_by)
+  summary = synthetic.generate(str(tmp_path), num_train_images=1, num_eval_images=1, dataset=dataset, split_by=split_by)
   refs = load_refs(str(tmp_path), dataset, split_by)
   assert tuple(summary["splits"]) == refer.SPLITS[(dataset, split_by)]
   assert sorted({r["split"] for r in refs}) == sorted(refer.SPLITS[(dataset, split_by)])
@@ -239,12 +261,14 @@ def test_unknown_dataset_is_an_error(tmp_path):
 
 
 def test_command_line(tmp_path):
-  done = run_module("input_pipeline.synthetic", f"--out={tmp_path / 'cli'}", "--seed=3", "--num_train_images=2",
-                    "--num_eval_images=1")
+  done = run_module(
+    "input_pipeline.synthetic", f"--out={tmp_path / 'cli'}", "--seed=3", "--num_train_images=2", "--num_eval_images=1"
+  )
   assert done.returncode == 0, done.stderr
   assert '"seed": 3' in done.stdout
   with open(tmp_path / "cli" / "refcoco" / "refs(unc).p", "rb") as f:
     assert {r["split"] for r in pickle.load(f)} == {"train", "val", "testA", "testB"}
-  with Image.open(io.BytesIO((tmp_path / "cli" / "images" / "train2014" /
-                              synthetic.image_file_name(9)).read_bytes())) as image:
+  with Image.open(
+    io.BytesIO((tmp_path / "cli" / "images" / "train2014" / synthetic.image_file_name(9)).read_bytes())
+  ) as image:
     assert image.format == "JPEG"

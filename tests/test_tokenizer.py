@@ -1,4 +1,5 @@
 """Parity of fcnet_jax.tokenizer with CLIP's reference tokenizer (open_clip's SimpleTokenizer, pure Python)."""
+
 import gzip
 import hashlib
 import random
@@ -6,71 +7,71 @@ import unicodedata
 
 import numpy as np
 import pytest
-import reference_impls  # tests/ is on sys.path (conftest.py).
 
 from fcnet_jax import tokenizer
+import reference_impls  # tests/ is on sys.path (conftest.py).
 
 # Referring expressions in the style of RefCOCO / RefCOCO+ / G-Ref, then the hard cases of CLIP's cleaning,
 # pre-tokenization regex and byte-level BPE.
 SENTENCES = [
-    "man in red shirt on the left",
-    "left guy",
-    "the woman holding an umbrella",
-    "far right zebra",
-    "second banana from the left",
-    "white car behind the bus",
-    "A man wearing a black jacket and jeans is standing next to a bicycle near the entrance of the building.",
-    "The giraffe whose head is bent down eating grass, closest to the camera, on the right side of the picture.",
-    "bottom left corner bowl of broccoli",
-    "kid in blue",
-    "person sitting on couch, not the one with the laptop",
-    "2nd from right",
-    "the 3 donuts on top",
-    "number 17 player",
-    "price is $4.99 (on sale) -- 50% off!!!",
-    "it's the dog's bowl",
-    "don't pick the one that isn't red",
-    "they're what we've got; I'm sure you'll see he'd left",
-    "IT'S THE DOG'S TOY, THEY'RE HERE",
-    "the man’s hat, “left” and ‘right’",
-    "rock &amp; roll",
-    "double &amp;lt;encoded&amp;gt; entity",
-    "triple &amp;amp;lt;encoded&amp;amp;gt; entity &amp;amp;amp;",
-    "&quot;quoted&quot; &#39;text&#39; &#x263A; &nbsp;space",
-    "a &lt;b&gt; tag </w> and <|startoftext|> literally",
-    "café crème brûlée naïve façade",
-    "Straße und Grüße, ÆØÅ æøå",
-    "e\u0301 decomposed accent and ﬁne ligature",
-    "Ｆｕｌｌｗｉｄｔｈ ｌｅｔｔｅｒｓ １２３",
-    "mojibake: cafÃ© and donâ€™t",
-    "一个穿红色衣服的男人",
-    "左边的狗 and the cat",
-    "Мужчина в красной рубашке слева",
-    "رجل يرتدي قميصا أحمر",
-    "लाल शर्ट में आदमी",
-    "日本語のテキスト、カタカナ",
-    "한국어 문장입니다",
-    "Ελληνικά γράμματα ΣΊΣΥΦΟΣ",
-    "emoji 😀 dog 🐶 family 👨‍👩‍👧 flag 🇯🇵 skin 👍🏽",
-    "   leading and trailing spaces   ",
-    "tabs\tand\nnewlines\r\nand\u00a0nbsp\u3000ideographic\u2003em space",
-    "multiple     spaces      between",
-    "",
-    "   ",
-    "!!!",
-    "?!?!... ---",
-    "a!?b",
-    "12345678901234567890",
-    "3.14159 and 1,000,000 and 0x1F",
-    "snake_case and kebab-case and CamelCase",
-    "email me@example.com or visit http://example.com/path?q=1",
-    "#hashtag @mention ~tilde ^caret `backtick` |pipe| \\backslash",
-    "İstanbul ǅ digraph ſ long s ﬀ",
-    "control\x00chars\x1b[31m here\x07",
-    "supercalifragilisticexpialidocious antidisestablishmentarianism",
-    "the man on the far left who is wearing a hat and holding a cup of coffee while talking on a phone "
-    "and standing next to the tall woman in the green dress with a small brown dog on a leash",
-    "a photo of a cat",
+  "man in red shirt on the left",
+  "left guy",
+  "the woman holding an umbrella",
+  "far right zebra",
+  "second banana from the left",
+  "white car behind the bus",
+  "A man wearing a black jacket and jeans is standing next to a bicycle near the entrance of the building.",
+  "The giraffe whose head is bent down eating grass, closest to the camera, on the right side of the picture.",
+  "bottom left corner bowl of broccoli",
+  "kid in blue",
+  "person sitting on couch, not the one with the laptop",
+  "2nd from right",
+  "the 3 donuts on top",
+  "number 17 player",
+  "price is $4.99 (on sale) -- 50% off!!!",
+  "it's the dog's bowl",
+  "don't pick the one that isn't red",
+  "they're what we've got; I'm sure you'll see he'd left",
+  "IT'S THE DOG'S TOY, THEY'RE HERE",
+  "the man’s hat, “left” and ‘right’",
+  "rock &amp; roll",
+  "double &amp;lt;encoded&amp;gt; entity",
+  "triple &amp;amp;lt;encoded&amp;amp;gt; entity &amp;amp;amp;",
+  "&quot;quoted&quot; &#39;text&#39; &#x263A; &nbsp;space",
+  "a &lt;b&gt; tag </w> and <|startoftext|> literally",
+  "café crème brûlée naïve façade",
+  "Straße und Grüße, ÆØÅ æøå",
+  "e\u0301 decomposed accent and ﬁne ligature",
+  "Ｆｕｌｌｗｉｄｔｈ ｌｅｔｔｅｒｓ １２３",
+  "mojibake: cafÃ© and donâ€™t",
+  "一个穿红色衣服的男人",
+  "左边的狗 and the cat",
+  "Мужчина в красной рубашке слева",
+  "رجل يرتدي قميصا أحمر",
+  "लाल शर्ट में आदमी",
+  "日本語のテキスト、カタカナ",
+  "한국어 문장입니다",
+  "Ελληνικά γράμματα ΣΊΣΥΦΟΣ",
+  "emoji 😀 dog 🐶 family 👨‍👩‍👧 flag 🇯🇵 skin 👍🏽",
+  "   leading and trailing spaces   ",
+  "tabs\tand\nnewlines\r\nand\u00a0nbsp\u3000ideographic\u2003em space",
+  "multiple     spaces      between",
+  "",
+  "   ",
+  "!!!",
+  "?!?!... ---",
+  "a!?b",
+  "12345678901234567890",
+  "3.14159 and 1,000,000 and 0x1F",
+  "snake_case and kebab-case and CamelCase",
+  "email me@example.com or visit http://example.com/path?q=1",
+  "#hashtag @mention ~tilde ^caret `backtick` |pipe| \\backslash",
+  "İstanbul ǅ digraph ſ long s ﬀ",
+  "control\x00chars\x1b[31m here\x07",
+  "supercalifragilisticexpialidocious antidisestablishmentarianism",
+  "the man on the far left who is wearing a hat and holding a cup of coffee while talking on a phone "
+  "and standing next to the tall woman in the green dress with a small brown dog on a leash",
+  "a photo of a cat",
 ]
 
 
@@ -82,6 +83,7 @@ def reference():
 def test_shipped_vocabulary_is_clips(reference):
   """The package asset is the same BPE file open_clip ships (same decompressed content)."""
   import importlib.resources  # pylint: disable=g-import-not-at-top
+
   ours = importlib.resources.files("fcnet_jax").joinpath(tokenizer.VOCAB_RESOURCE).read_bytes()
   with open(reference_impls.open_clip_vocab_path(), "rb") as f:
     theirs = f.read()
@@ -105,8 +107,9 @@ def test_vocabulary_matches_reference(reference):
 def test_known_ids():
   # CLIP's ids for this sentence, as printed by OpenAI's clip.tokenize.
   np.testing.assert_array_equal(
-      tokenizer.tokenize("a photo of a cat", context_length=10),
-      np.array([[49406, 320, 1125, 539, 320, 2368, 49407, 0, 0, 0]], np.int32))
+    tokenizer.tokenize("a photo of a cat", context_length=10),
+    np.array([[49406, 320, 1125, 539, 320, 2368, 49407, 0, 0, 0]], np.int32),
+  )
   assert tokenizer.encode("A photo of a CAT.") == [320, 1125, 539, 320, 2368, 269]
 
 
@@ -122,8 +125,9 @@ def test_sentences_match_reference(reference, context_length):
 
 @pytest.mark.parametrize("context_length", [2, 3, 5, 8])
 def test_tiny_context_lengths_match_reference(reference, context_length):
-  np.testing.assert_array_equal(tokenizer.tokenize(SENTENCES, context_length),
-                                reference.tokenize(SENTENCES, context_length).numpy())
+  np.testing.assert_array_equal(
+    tokenizer.tokenize(SENTENCES, context_length), reference.tokenize(SENTENCES, context_length).numpy()
+  )
 
 
 def test_encode_matches_reference_without_truncation(reference):
@@ -133,13 +137,25 @@ def test_encode_matches_reference_without_truncation(reference):
 
 
 def _random_alphabet():
-  return (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-          + list("'''''.,;:!?-_()[]{}<>/\\\"&#%$@*+=|~^`") + ["&amp;", "&lt;", "&#39;", "&amp;gt;", "'s", "'T"]
-          + list(" \t\n\r\x0b\x0c\x1c\x85\xa0\u1680\u2003\u2028\u3000\u200b")
-          + list("’‘“”«»…–—") + list("éèêëñüößàçøåæœ") + ["e\u0301", "a\u0308", "\u0345", "ſ", "İ", "K"]
-          + list("ﬁﬂＡｂ１") + ["Ã©", "â€™", "Ã"]
-          + list("一二三人狗猫左右的") + list("абвгдеёжзЯЖ") + list("αβγΣς") + list("عربية") + list("हिंदी")
-          + list("0١٢३") + ["😀", "🐶", "👍🏽", "👨‍👩‍👧", "🇯🇵", "\ufe0f"] + ["\x00", "\x1b", "\x7f", "\u200d"])
+  return (
+    list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    + list("'''''.,;:!?-_()[]{}<>/\\\"&#%$@*+=|~^`")
+    + ["&amp;", "&lt;", "&#39;", "&amp;gt;", "'s", "'T"]
+    + list(" \t\n\r\x0b\x0c\x1c\x85\xa0\u1680\u2003\u2028\u3000\u200b")
+    + list("’‘“”«»…–—")
+    + list("éèêëñüößàçøåæœ")
+    + ["e\u0301", "a\u0308", "\u0345", "ſ", "İ", "K"]
+    + list("ﬁﬂＡｂ１")
+    + ["Ã©", "â€™", "Ã"]
+    + list("一二三人狗猫左右的")
+    + list("абвгдеёжзЯЖ")
+    + list("αβγΣς")
+    + list("عربية")
+    + list("हिंदी")
+    + list("0١٢३")
+    + ["😀", "🐶", "👍🏽", "👨‍👩‍👧", "🇯🇵", "\ufe0f"]
+    + ["\x00", "\x1b", "\x7f", "\u200d"]
+  )
 
 
 def test_random_strings_match_reference(reference):
@@ -184,7 +200,7 @@ def test_padding_truncation_and_single_string():
   assert tokens.shape == (2, 17) and tokens.dtype == np.int32
   n = len(tokenizer.encode("left guy"))
   assert tokens[0, 0] == tokenizer.SOT_TOKEN and tokens[0, n + 1] == tokenizer.EOT_TOKEN
-  assert (tokens[0, n + 2:] == 0).all()
+  assert (tokens[0, n + 2 :] == 0).all()
   # Too long: the first L-2 BPE tokens, then [EOS] in the last slot.
   long_ids = tokenizer.encode(SENTENCES[-2])
   assert len(long_ids) > 15

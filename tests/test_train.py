@@ -15,6 +15,7 @@ dropout key folding, the data position and the schedule all matter. The optimise
 real parameter tree (`jax.eval_shape`, nothing compiled but one optimiser update) against hand-computed Adam
 steps. tests/test_eval_paths.py covers the other evaluation paths, TensorBoard and the profiler.
 """
+
 import functools
 import json
 import math
@@ -59,11 +60,22 @@ def dataset(tmp_path_factory):
 
 def _main(workdir: str, tfrecord_dir: str, log_path: str, *args: str) -> str:
   """Runs main.py with configs/tiny.py on the shards; returns its output."""
-  command = [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-             f"--config.data.tfrecord_dir={tfrecord_dir}", "--config.data.eval_canvas=160",
-             "--config.data.shuffle_buffer=16", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-             "--config.log_every_steps=1", "--config.keep_checkpoints=3",
-             f"--config.learning_rate={LEARNING_RATE}", "--config.lr_decay_epochs=(0.6,)", *args]
+  command = [
+    sys.executable,
+    "main.py",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.tfrecord_dir={tfrecord_dir}",
+    "--config.data.eval_canvas=160",
+    "--config.data.shuffle_buffer=16",
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+    "--config.log_every_steps=1",
+    "--config.keep_checkpoints=3",
+    f"--config.learning_rate={LEARNING_RATE}",
+    "--config.lr_decay_epochs=(0.6,)",
+    *args,
+  ]
   train_worker.run_checked(command, log_path, TIMEOUT_S)
   with open(log_path) as f:
     return f.read()
@@ -88,8 +100,9 @@ def runs(dataset, tmp_path_factory):
   out["a_eval_4"] = _read_json(os.path.join(a, "eval_val.json"))
   _main(b, shards, str(root / "b.log"), "--config.num_train_steps=4")
   out["b_eval_4"] = _read_json(os.path.join(b, "eval_val.json"))
-  out["eval_stdout"] = _main(a, shards, str(root / "eval.log"), "--config.num_train_steps=4", "--mode=eval",
-                             "--checkpoint=best")
+  out["eval_stdout"] = _main(
+    a, shards, str(root / "eval.log"), "--config.num_train_steps=4", "--mode=eval", "--checkpoint=best"
+  )
   out["eval_mode"] = _read_json(os.path.join(a, "eval_val.json"))
   return out
 
@@ -97,6 +110,7 @@ def runs(dataset, tmp_path_factory):
 def _restore_raw(step_dir: str) -> dict:
   """Every array of an Orbax checkpoint as NumPy, keyed by pytree path (PRNG keys as their raw data)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   tree = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -138,8 +152,9 @@ def test_training_writes_evaluations_checkpoints_and_logs(runs, dataset):
   assert all(math.isfinite(v) and 0.0 < v < 5.0 for v in losses.values()), losses
   # The rate logged at step n is that of the n-th update (optax count n - 1): ×0.1 from update DECAY_STEP on.
   expected = {n: LEARNING_RATE * (0.1 if n - 1 >= DECAY_STEP else 1.0) for n in range(1, 5)}
-  np.testing.assert_allclose([scalars["train/learning_rate"][n] for n in range(1, 5)],
-                             [expected[n] for n in range(1, 5)], rtol=1e-6)
+  np.testing.assert_allclose(
+    [scalars["train/learning_rate"][n] for n in range(1, 5)], [expected[n] for n in range(1, 5)], rtol=1e-6
+  )
   for name in METRIC_NAMES:
     assert scalars[f"eval/val/{name}"][4] == pytest.approx(runs["b_eval_4"][name], abs=1e-7)
 
@@ -184,26 +199,30 @@ def _schedule_config(**overrides) -> ml_collections.ConfigDict:
 
 def test_piecewise_schedule_decays_at_the_epoch_boundary():
   # The paper: lr 1e-4, ×0.1 at epoch 35 (CRIS MultiStepLR: epochs 0…34 at lr, epoch 35 on at 0.1 lr).
-  config = _schedule_config(learning_rate=1e-4, lr_schedule="piecewise", lr_decay_epochs=(35,),
-                            lr_decay_factor=0.1, warmup_steps=0)
+  config = _schedule_config(
+    learning_rate=1e-4, lr_schedule="piecewise", lr_decay_epochs=(35,), lr_decay_factor=0.1, warmup_steps=0
+  )
   steps_per_epoch = 100
   lr = train.create_learning_rate_fn(config, steps_per_epoch, 50 * steps_per_epoch)
   steps = np.array([0, 1, 3499, 3500, 3501, 4999])
   np.testing.assert_allclose([float(lr(s)) for s in steps], [1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5], rtol=1e-6)
   # Two boundaries compound; a linear warm-up does not move them.
-  config = _schedule_config(learning_rate=1e-4, lr_schedule="piecewise", lr_decay_epochs=(35, 45),
-                            lr_decay_factor=0.1, warmup_steps=10)
+  config = _schedule_config(
+    learning_rate=1e-4, lr_schedule="piecewise", lr_decay_epochs=(35, 45), lr_decay_factor=0.1, warmup_steps=10
+  )
   lr = train.create_learning_rate_fn(config, steps_per_epoch, 50 * steps_per_epoch)
   steps = np.array([0, 5, 10, 3499, 3500, 4499, 4500])
-  np.testing.assert_allclose([float(lr(s)) for s in steps], [0.0, 5e-5, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6],
-                             rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(
+    [float(lr(s)) for s in steps], [0.0, 5e-5, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6], rtol=1e-6, atol=1e-12
+  )
 
 
 def test_cosine_schedule_warms_up_and_reaches_zero():
   config = _schedule_config(learning_rate=1e-3, lr_schedule="cosine", warmup_steps=10)
   lr = train.create_learning_rate_fn(config, 7, 110)
-  np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10, 60, 110)],
-                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(
+    [float(lr(s)) for s in (0, 5, 10, 60, 110)], [0.0, 5e-4, 1e-3, 5e-4, 0.0], rtol=1e-5, atol=1e-9
+  )
   with pytest.raises(ValueError, match="lr_schedule"):
     train.create_learning_rate_fn(_schedule_config(lr_schedule="step"), 7, 110)
 
@@ -256,8 +275,9 @@ def _check_adam_first_step(new, params, direction, lr_multi, atol=1e-6):
       np.testing.assert_array_equal(new[path], old, err_msg=path)
       continue
     # |params| ≲ 5, so float32 rounding of the new value is ≤ 3e-7 — far below the 1e-4 of lr × 0.1.
-    np.testing.assert_allclose(new[path].astype(np.float64) - old, -LEARNING_RATE * scale * direction[path],
-                               rtol=0, atol=atol, err_msg=path)
+    np.testing.assert_allclose(
+      new[path].astype(np.float64) - old, -LEARNING_RATE * scale * direction[path], rtol=0, atol=atol, err_msg=path
+    )
 
 
 EPS = 1e-8  # optax.adam's eps
@@ -267,8 +287,9 @@ def test_encoders_train_at_lr_times_lr_multi(param_shapes):
   """One Adam step of the real optimiser: the first update is −lr·g/(|g| + eps) (bias-corrected moments)."""
   rng = np.random.default_rng(0)
   params = _random_tree(param_shapes, rng)
-  grads = jax.tree.map(lambda p: (rng.normal(size=p.shape) * 10.0 ** rng.uniform(-6, 0, p.shape)).astype(
-      np.float32), params)
+  grads = jax.tree.map(
+    lambda p: (rng.normal(size=p.shape) * 10.0 ** rng.uniform(-6, 0, p.shape)).astype(np.float32), params
+  )
   flat_grad = {k: g.astype(np.float64) for k, g in traverse_util.flatten_dict(grads, sep="/").items()}
   direction = {k: g / (np.abs(g) + EPS) for k, g in flat_grad.items()}
   for multiplier in (0.0, 0.1):
@@ -301,7 +322,7 @@ def test_gradient_clipping_scales_the_global_norm(param_shapes):
   flat[sorted(k for k in flat if k.startswith("neck/"))[0]].reshape(-1)[0] = 100.0
   grads = traverse_util.unflatten_dict(flat, sep="/")
   flat_grad = {k: g.astype(np.float64) for k, g in flat.items()}
-  norm = np.sqrt(sum(np.sum(g ** 2) for g in flat_grad.values()))
+  norm = np.sqrt(sum(np.sum(g**2) for g in flat_grad.values()))
   clip = 1.0
   clipped = {k: g * min(1.0, clip / norm) for k, g in flat_grad.items()}
   new = _one_update(params, grads, lr_multi=0.1, weight_decay=0.0, grad_clip_norm=clip)

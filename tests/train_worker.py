@@ -15,6 +15,7 @@ needs its own interpreter; this script is that interpreter. It also holds the he
   python tests/train_worker.py evaluate --tfrecord_dir=D --workdir=W --out=O
       `evaluate.evaluate` of W's latest checkpoint. Writes O/result.json.
 """
+
 import argparse
 import os
 import socket
@@ -34,6 +35,7 @@ def make_config(tfrecord_dir: str, steps: int):
   """configs/tiny.py on the converted synthetic data: `steps` steps, one evaluation at the end, every step
   logged and checkpointed. The learning rate decays ×0.1 at epoch 0.6 (step 3 with 43 refs / batch 8)."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
+
   config = tiny.get_config()
   config.data.tfrecord_dir = tfrecord_dir
   config.data.eval_canvas = 160  # Synthetic images are at most 160 px a side.
@@ -56,6 +58,7 @@ def make_dataset(root: str):
   """
   from input_pipeline import convert  # pylint: disable=g-import-not-at-top
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
+
   raw, shards = os.path.join(root, "raw"), os.path.join(root, "shards")
   synthetic.generate(raw, seed=0, num_train_images=12, num_eval_images=4)
   summary = convert.convert(raw, os.path.join(raw, "images"), "refcoco", "unc", shards, num_workers=1)
@@ -68,8 +71,15 @@ def subprocess_env(num_devices: int = 1) -> Dict[str, str]:
   flags = [FAST_COMPILE_FLAG]
   if num_devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-  env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), "TF_CPP_MIN_LOG_LEVEL": "3",
-              "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"})
+  env.update(
+    {
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": " ".join(flags),
+      "TF_CPP_MIN_LOG_LEVEL": "3",
+      "CUDA_VISIBLE_DEVICES": "",
+      "PYTHONUNBUFFERED": "1",
+    }
+  )
   return env
 
 
@@ -86,8 +96,9 @@ def free_port() -> int:
 def run_checked(command: Sequence[str], log_path: str, timeout: float, env: Optional[Mapping[str, str]] = None):
   """Runs `command` from the repo root with its output in `log_path`; fails with the log's tail."""
   with open(log_path, "w") as log:
-    process = subprocess.run(command, cwd=REPO, env=env or subprocess_env(), stdout=log,
-                             stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    process = subprocess.run(
+      command, cwd=REPO, env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False
+    )
   check_exit(process.returncode, command, log_path)
 
 
@@ -101,6 +112,7 @@ def check_exit(returncode: int, command: Sequence[str], log_path: str):
 def read_summaries(workdir: str) -> List[Tuple[int, Any]]:
   """(step, `Summary.Value` proto) of every summary in `workdir`'s TensorBoard events files (TensorFlow)."""
   from input_pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
+
   tf = import_tensorflow()
   values = []
   for name in sorted(os.listdir(workdir)):
@@ -113,6 +125,7 @@ def read_summaries(workdir: str) -> List[Tuple[int, Any]]:
 def read_scalars(workdir: str) -> Dict[str, Dict[int, float]]:
   """{tag: {step: value}} of every scalar summary in `workdir` (TensorFlow; tests only)."""
   from input_pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
+
   tf = import_tensorflow()
   scalars: Dict[str, Dict[int, float]] = {}
   for step, value in read_summaries(workdir):
@@ -136,6 +149,7 @@ def checkpoint_steps(workdir: str, manager: str) -> List[int]:
 
 def load_npz(path: str) -> Dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   with np.load(path) as data:
     return dict(data)
 
@@ -151,8 +165,14 @@ def flat_state(state) -> Dict[str, Any]:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
-          "step": state.step, "dropout_key": jax.random.key_data(state.dropout_rng)}
+
+  tree = {
+    "params": state.params,
+    "batch_stats": state.batch_stats,
+    "opt_state": state.opt_state,
+    "step": state.step,
+    "dropout_key": jax.random.key_data(state.dropout_rng),
+  }
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     value = leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
@@ -162,10 +182,19 @@ def flat_state(state) -> Dict[str, Any]:
 
 def _global_batches(config, start_step: int) -> Iterator[Dict[str, Any]]:
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+
   return pipeline.train_iterator(
-      config.data.tfrecord_dir, config.data.train_split, image_size=config.model.image_size,
-      context_length=config.model.context_length, batch_size=config.batch_size, seed=config.seed,
-      process_index=0, process_count=1, shuffle_buffer=config.data.shuffle_buffer, start_step=start_step)
+    config.data.tfrecord_dir,
+    config.data.train_split,
+    image_size=config.model.image_size,
+    context_length=config.model.context_length,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=0,
+    process_count=1,
+    shuffle_buffer=config.data.shuffle_buffer,
+    start_step=start_step,
+  )
 
 
 def _own_rows(mesh, global_size: int) -> slice:
@@ -173,9 +202,11 @@ def _own_rows(mesh, global_size: int) -> slice:
   import jax  # pylint: disable=g-import-not-at-top
 
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
+
   index_map = sharding.batch_sharding(mesh).devices_indices_map((global_size,))
-  starts = sorted(index[0].start or 0 for device, index in index_map.items()
-                  if device.process_index == jax.process_index())
+  starts = sorted(
+    index[0].start or 0 for device, index in index_map.items() if device.process_index == jax.process_index()
+  )
   per_device = global_size // len(index_map)
   first, last = starts[0], starts[-1] + per_device
   assert starts == list(range(first, last, per_device)), f"rows of this process are not contiguous: {starts}"
@@ -184,6 +215,7 @@ def _own_rows(mesh, global_size: int) -> slice:
 
 def _write_json(path: str, payload: Mapping[str, Any]):
   from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
+
   fileio.write_json(path, payload)
 
 
@@ -196,6 +228,7 @@ def _train(args, config) -> None:
   from fcnet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
   from fcnet_jax import train  # pylint: disable=g-import-not-at-top
+
   rows = _own_rows(sharding.create_mesh(), config.batch_size)
   fed = []
 
@@ -215,10 +248,18 @@ def _train(args, config) -> None:
     np.savez(os.path.join(args.out, f"state_{step}.npz"), **flat_state(restored))
   checkpoints.close()
   logging.info("worker: dumped")
-  _write_json(os.path.join(args.out, "result.json"), {
-      "eval": eval_metrics, "process_index": jax.process_index(), "process_count": jax.process_count(),
-      "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
-      "rows": [rows.start, rows.stop], "fed_ref_ids": fed})
+  _write_json(
+    os.path.join(args.out, "result.json"),
+    {
+      "eval": eval_metrics,
+      "process_index": jax.process_index(),
+      "process_count": jax.process_count(),
+      "device_count": jax.device_count(),
+      "local_device_count": jax.local_device_count(),
+      "rows": [rows.start, rows.stop],
+      "fed_ref_ids": fed,
+    },
+  )
 
 
 def _sharded_step(args, config) -> None:
@@ -229,9 +270,11 @@ def _sharded_step(args, config) -> None:
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
   from fcnet_jax import train  # pylint: disable=g-import-not-at-top
   from fcnet_jax.models import fcnet  # pylint: disable=g-import-not-at-top
+
   # What train_and_evaluate builds before its first step.
   steps_per_epoch, total_steps = train.schedule_lengths(
-      config, data_lib.DataSource(config).split_sizes()["train"]["refs"])
+    config, data_lib.DataSource(config).split_sizes()["train"]["refs"]
+  )
   model, mesh = fcnet.build_model(config.model), sharding.create_mesh()
   tx = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch, total_steps))
   state = train.initial_state(config, model, tx, mesh)
@@ -239,14 +282,20 @@ def _sharded_step(args, config) -> None:
   with sharding.use_mesh(mesh):
     state, metrics = train.jit_train_step(config, model, mesh)(state, batch)
   np.savez(os.path.join(args.out, "state.npz"), **flat_state(state))
-  _write_json(os.path.join(args.out, "result.json"), {
-      "train": metrics.compute(), "device_count": jax.device_count(),
+  _write_json(
+    os.path.join(args.out, "result.json"),
+    {
+      "train": metrics.compute(),
+      "device_count": jax.device_count(),
       "image_shards": [list(s.data.shape) for s in batch["image"].addressable_shards],
-      "params_replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))})
+      "params_replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)),
+    },
+  )
 
 
 def _evaluate(args, config) -> None:
   from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   results = evaluate.evaluate(config, args.workdir, checkpoint="latest")
   _write_json(os.path.join(args.out, "result.json"), {"eval": results})
 
@@ -265,12 +314,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parser.parse_args(argv)
   sys.path.insert(0, REPO)
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   logging.use_absl_handler()  # The loop's INFO logs (steps, evaluations) go to the worker's log file.
   logging.set_verbosity(logging.INFO)
   import jax  # pylint: disable=g-import-not-at-top
+
   if args.num_processes > 1:
-    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id, initialization_timeout=120)
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      initialization_timeout=120,
+    )
   os.makedirs(args.out, exist_ok=True)
   config = make_config(args.tfrecord_dir, args.steps)
   {"train": _train, "sharded_step": _sharded_step, "evaluate": _evaluate}[args.mode](args, config)

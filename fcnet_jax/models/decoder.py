@@ -1,4 +1,5 @@
 """Transformer decoder (sec. 3.4, eq. 5): pixel tokens self-attend, then cross-attend to the calibrated features."""
+
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ class DecoderLayer(nn.Module):
   The 2-D sine encoding is added to the pixel queries and keys (CRIS), none to F_c. Dropout acts on each
   residual branch and inside the MLP.
   """
+
   dim: int
   num_heads: int
   ffn_dim: int
@@ -24,16 +26,19 @@ class DecoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, f_v: jax.Array, memory: jax.Array, memory_mask: Optional[jax.Array], pos: jax.Array,
-               train: bool) -> jax.Array:
+  def __call__(
+    self, f_v: jax.Array, memory: jax.Array, memory_mask: Optional[jax.Array], pos: jax.Array, train: bool
+  ) -> jax.Array:
     drop = lambda x: nn.Dropout(self.dropout, deterministic=not train)(x)
     y = layers.LayerNorm(dtype=self.dtype, name="norm1")(f_v)
     y = layers.MultiHeadAttention(self.num_heads, self.dim, dtype=self.dtype, name="self_attn")(
-        y, y, y, query_pos=pos, key_pos=pos)
+      y, y, y, query_pos=pos, key_pos=pos
+    )
     f_v = f_v + drop(y)
     y = layers.LayerNorm(dtype=self.dtype, name="norm2")(f_v)
     y = layers.MultiHeadAttention(self.num_heads, self.dim, dtype=self.dtype, name="cross_attn")(
-        y, memory, memory, key_mask=memory_mask, query_pos=pos)
+      y, memory, memory, key_mask=memory_mask, query_pos=pos
+    )
     f_q = f_v + drop(y)
     y = layers.LayerNorm(dtype=self.dtype, name="norm3")(f_q)
     y = drop(nn.relu(nn.Dense(self.ffn_dim, dtype=self.dtype, name="ffn_in")(y)))
@@ -43,6 +48,7 @@ class DecoderLayer(nn.Module):
 
 class Decoder(nn.Module):
   """`num_layers` decoder layers over the H_v·W_v pixel tokens, then a final LayerNorm."""
+
   num_layers: int
   dim: int
   num_heads: int
@@ -51,14 +57,14 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, f_v: jax.Array, memory: jax.Array, memory_mask: Optional[jax.Array],
-               train: bool) -> jax.Array:
+  def __call__(self, f_v: jax.Array, memory: jax.Array, memory_mask: Optional[jax.Array], train: bool) -> jax.Array:
     """F_v B×H_v×W_v×C, memory B×M×C (F_c, or the words when EGM is off), memory_mask B×M → B×H_v×W_v×C."""
     b, h, w, c = f_v.shape
     pos = jnp.asarray(layers.sine_position_encoding_2d(h, w, c), self.dtype)[None]
     x = f_v.reshape(b, h * w, c)
     for i in range(self.num_layers):
-      x = DecoderLayer(self.dim, self.num_heads, self.ffn_dim, self.dropout, dtype=self.dtype,
-                       name=f"layer{i}")(x, memory, memory_mask, pos, train)
+      x = DecoderLayer(self.dim, self.num_heads, self.ffn_dim, self.dropout, dtype=self.dtype, name=f"layer{i}")(
+        x, memory, memory_mask, pos, train
+      )
     x = layers.LayerNorm(dtype=self.dtype, name="norm")(x)
     return x.reshape(b, h, w, c)

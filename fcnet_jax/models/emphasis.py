@@ -1,4 +1,5 @@
 """Emphasis Generation (vision-guided fusion, sec. 3.2 eq. 4) and Emphasis Calibration (language-guided, sec. 3.3)."""
+
 from typing import Any
 
 import flax.linen as nn
@@ -10,9 +11,9 @@ from fcnet_jax.models import layers
 Dtype = Any
 # How α gates the emphasis features: plain scalars (the paper), a sigmoid, or a softmax over the N_k tokens.
 CALIBRATION_GATES = {
-    "none": lambda alpha: alpha,
-    "sigmoid": jax.nn.sigmoid,
-    "softmax": lambda alpha: jax.nn.softmax(alpha.astype(jnp.float32), axis=-1).astype(alpha.dtype),
+  "none": lambda alpha: alpha,
+  "sigmoid": jax.nn.sigmoid,
+  "softmax": lambda alpha: jax.nn.softmax(alpha.astype(jnp.float32), axis=-1).astype(alpha.dtype),
 }
 
 
@@ -30,6 +31,7 @@ class EmphasisGeneration(nn.Module):
     layernorm: LayerNorm on F_e (config `egm_layernorm`).
     query_init_scale: init scale of the H_v·W_v → C query projection (config `egm_query_init_scale`).
   """
+
   num_emphasis: int
   hidden_dim: int
   num_heads: int
@@ -43,9 +45,9 @@ class EmphasisGeneration(nn.Module):
     f_vk = layers.ConvBN(self.num_emphasis, 3, dtype=self.dtype, name="key_vision")(f_v, train)
     b, h, w, n_k = f_vk.shape
     key_vision = f_vk.reshape(b, h * w, n_k).transpose(0, 2, 1)  # F'_vk: B×N_k×(H_v·W_v)
-    f_e = layers.MultiHeadAttention(self.num_heads, self.hidden_dim, query_init_scale=self.query_init_scale,
-                                     dtype=self.dtype, name="cross_attn")(
-        key_vision, f_t, f_t, key_mask=text_mask)
+    f_e = layers.MultiHeadAttention(
+      self.num_heads, self.hidden_dim, query_init_scale=self.query_init_scale, dtype=self.dtype, name="cross_attn"
+    )(key_vision, f_t, f_t, key_mask=text_mask)
     if self.layernorm:
       f_e = layers.LayerNorm(dtype=self.dtype, name="norm")(f_e)
     return f_e
@@ -60,6 +62,7 @@ class EmphasisCalibration(nn.Module):
     num_heads: self-attention heads over the N_k tokens (width 2C).
     gate: "none" (plain scalars, the paper), "sigmoid", or "softmax" over N_k (config `calibration_gate`).
   """
+
   num_heads: int
   gate: str = "none"
   dtype: Dtype = jnp.float32

@@ -13,6 +13,7 @@
 Images are normalized B×S×S×3 (NHWC); tokens are B×L CLIP ids. Intermediate features are sown into the
 "intermediates" collection (`mutable=["intermediates"]`) for inspection.
 """
+
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -35,6 +36,7 @@ class FCNet(nn.Module):
   The fields have no defaults here: `configs/default.py` (`get_model_config`) is their one definition, with the
   meaning of each; build the model from a config with `build_model(config.model)`.
   """
+
   image_size: int
   context_length: int
   vision_layers: Sequence[int]
@@ -65,24 +67,44 @@ class FCNet(nn.Module):
   def setup(self):
     dtype = DTYPES[self.dtype]
     self.image_encoder = image_encoder.ModifiedResNet(
-        tuple(self.vision_layers), self.vision_width, self.vision_heads, self.embed_dim, self.image_size,
-        frozen_bn=self.freeze_backbone_bn, dtype=dtype)
+      tuple(self.vision_layers),
+      self.vision_width,
+      self.vision_heads,
+      self.embed_dim,
+      self.image_size,
+      frozen_bn=self.freeze_backbone_bn,
+      dtype=dtype,
+    )
     self.text_encoder = text_encoder.TextTransformer(
-        self.context_length, self.vocab_size, self.text_width, self.text_layers, self.text_heads, self.embed_dim,
-        embed_init_std=self.text_embed_init_std, dtype=dtype)
+      self.context_length,
+      self.vocab_size,
+      self.text_width,
+      self.text_layers,
+      self.text_heads,
+      self.embed_dim,
+      embed_init_std=self.text_embed_init_std,
+      dtype=dtype,
+    )
     self.neck = neck.VisionNeck(tuple(self.neck_dims), self.hidden_dim, dtype=dtype)
     if self.use_egm:
       self.emphasis_generation = emphasis.EmphasisGeneration(
-          self.num_emphasis, self.hidden_dim, self.egm_heads or self.attention_heads, layernorm=self.egm_layernorm,
-          query_init_scale=self.egm_query_init_scale, dtype=dtype)
+        self.num_emphasis,
+        self.hidden_dim,
+        self.egm_heads or self.attention_heads,
+        layernorm=self.egm_layernorm,
+        query_init_scale=self.egm_query_init_scale,
+        dtype=dtype,
+      )
       if self.use_ecm:
         self.text_global_proj = nn.Dense(self.hidden_dim, dtype=dtype)  # F_tg = Linear(EOS · text_projection).
-        self.emphasis_calibration = emphasis.EmphasisCalibration(self.attention_heads, self.calibration_gate,
-                                                                 dtype=dtype)
+        self.emphasis_calibration = emphasis.EmphasisCalibration(
+          self.attention_heads, self.calibration_gate, dtype=dtype
+        )
     else:
       self.word_proj = nn.Dense(self.hidden_dim, dtype=dtype)  # Baseline: the decoder reads the words.
-    self.decoder = decoder_lib.Decoder(self.decoder_layers, self.hidden_dim, self.attention_heads,
-                                       self.decoder_ffn_dim, self.dropout, dtype=dtype)
+    self.decoder = decoder_lib.Decoder(
+      self.decoder_layers, self.hidden_dim, self.attention_heads, self.decoder_ffn_dim, self.dropout, dtype=dtype
+    )
     self.mask_head = mask_head.MaskHead(self.hidden_dim, dtype=dtype)
 
   def check_inputs(self, images: jax.Array | None = None, tokens: jax.Array | None = None):
@@ -92,10 +114,11 @@ class FCNet(nn.Module):
         raise ValueError(f"images must be B×H×W×3 (NHWC), got shape {images.shape}")
       if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
         raise ValueError(
-            f"image size {images.shape[1]}×{images.shape[2]} differs from config.model.image_size="
-            f"{self.image_size}: FCNet's emphasis-generation query projection (H/16·W/16 → C) and the attention "
-            f"pool's positional grid are bound to the configured resolution; letterbox inputs to "
-            f"{self.image_size}×{self.image_size} or change the config")
+          f"image size {images.shape[1]}×{images.shape[2]} differs from config.model.image_size="
+          f"{self.image_size}: FCNet's emphasis-generation query projection (H/16·W/16 → C) and the attention "
+          f"pool's positional grid are bound to the configured resolution; letterbox inputs to "
+          f"{self.image_size}×{self.image_size} or change the config"
+        )
     if tokens is not None and (tokens.ndim != 2 or tokens.shape[1] != self.context_length):
       raise ValueError(f"tokens must be B×{self.context_length} (config.model.context_length), got {tokens.shape}")
 
@@ -109,8 +132,16 @@ class FCNet(nn.Module):
     self.check_inputs(tokens=tokens)
     return self.text_encoder(tokens)
 
-  def fuse(self, f_v2: jax.Array, f_v3: jax.Array, f_v4: jax.Array, f_t: jax.Array, eos: jax.Array,
-           padding_mask: jax.Array, train: bool = False) -> Tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+  def fuse(
+    self,
+    f_v2: jax.Array,
+    f_v3: jax.Array,
+    f_v4: jax.Array,
+    f_t: jax.Array,
+    eos: jax.Array,
+    padding_mask: jax.Array,
+    train: bool = False,
+  ) -> Tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     """Encoder features → (F_v, memory, memory_mask): what the decoder attends from and to.
 
     F_v B×S/16×S/16×C comes from the vision neck (eqs. 1–3). With EGM the memory is the M emphasis features
@@ -130,8 +161,9 @@ class FCNet(nn.Module):
       self.sow("intermediates", "F_c", memory)
     return f_v, memory, None
 
-  def decode(self, f_v: jax.Array, memory: jax.Array, memory_mask: Optional[jax.Array],
-             train: bool = False) -> jax.Array:
+  def decode(
+    self, f_v: jax.Array, memory: jax.Array, memory_mask: Optional[jax.Array], train: bool = False
+  ) -> jax.Array:
     """F_v attends to the memory through the decoder (eq. 5) → F_q; the mask head → logits B×S/4×S/4 (float32)."""
     f_q = self.decoder(f_v, memory, memory_mask, train)
     self.sow("intermediates", "F_q", f_q)
@@ -146,8 +178,10 @@ class FCNet(nn.Module):
 
 def check_model_config(cfg: Mapping[str, Any]) -> None:
   """Raises ValueError naming the config.model field that cannot work."""
+
   def fail(field, why):
     raise ValueError(f"config.model.{field}={cfg[field]!r}: {why}")
+
   if cfg["image_size"] % 32:
     fail("image_size", "must be divisible by 32 (the image encoder downsamples by 32)")
   if cfg["dtype"] not in DTYPES:

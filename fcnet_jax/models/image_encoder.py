@@ -3,6 +3,7 @@
 Outputs for an S×S image: F_v2 (B×S/8×S/8×512·w/64), F_v3 (B×S/16×S/16×1024·w/64) and
 F_v4 (B×S/32×S/32×embed_dim), where w is the stem width (64 in CLIP).
 """
+
 from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ Dtype = Any
 
 class Bottleneck(nn.Module):
   """CLIP's anti-aliased bottleneck: 1×1 → 3×3 → avg-pool(stride) → 1×1 (×4), downsample = avg-pool → 1×1 → BN."""
+
   planes: int
   strides: int = 1
   frozen_bn: bool = False
@@ -24,8 +26,9 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv_bn = lambda f, k, relu, name: layers.ConvBN(f, k, relu=relu, frozen_bn=self.frozen_bn, dtype=self.dtype,
-                                                     name=name)
+    conv_bn = lambda f, k, relu, name: layers.ConvBN(
+      f, k, relu=relu, frozen_bn=self.frozen_bn, dtype=self.dtype, name=name
+    )
     out = conv_bn(self.planes, 1, True, "conv1")(x, train)
     out = conv_bn(self.planes, 3, True, "conv2")(out, train)
     out = layers.avg_pool(out, self.strides)
@@ -48,6 +51,7 @@ class AttentionPool(nn.Module):
     num_heads: CLIP uses width·32/64 heads.
     out_dim: embed_dim (1024 for RN50, 512 for RN101).
   """
+
   grid: Tuple[int, int]
   num_heads: int
   out_dim: int
@@ -59,12 +63,14 @@ class AttentionPool(nn.Module):
     b, h, w, c = x.shape
     if (h, w) != tuple(self.grid):
       raise ValueError(f"attention pool built for a {self.grid} grid got a {h}×{w} feature map")
-    residual = layers.ConvBN(self.out_dim, 1, relu=False, frozen_bn=self.frozen_bn, dtype=self.dtype,
-                             name="connect")(x, train)
-    pos = self.param("positional_embedding", nn.initializers.normal(stddev=c ** -0.5), (h * w, c), jnp.float32)
+    residual = layers.ConvBN(self.out_dim, 1, relu=False, frozen_bn=self.frozen_bn, dtype=self.dtype, name="connect")(
+      x, train
+    )
+    pos = self.param("positional_embedding", nn.initializers.normal(stddev=c**-0.5), (h * w, c), jnp.float32)
     tokens = x.reshape(b, h * w, c) + pos.astype(self.dtype)
-    pooled = layers.MultiHeadAttention(self.num_heads, c, out_features=self.out_dim, out_name="c_proj",
-                                       dtype=self.dtype, name="attn")(tokens, tokens, tokens)
+    pooled = layers.MultiHeadAttention(
+      self.num_heads, c, out_features=self.out_dim, out_name="c_proj", dtype=self.dtype, name="attn"
+    )(tokens, tokens, tokens)
     return nn.relu(pooled.reshape(b, h, w, self.out_dim) + residual)
 
 
@@ -78,6 +84,7 @@ class ModifiedResNet(nn.Module):
     out_dim: embed_dim.
     image_size: S; fixes the attention pool's positional grid (S/32)².
   """
+
   stage_sizes: Sequence[int]
   width: int
   num_heads: int
@@ -92,27 +99,30 @@ class ModifiedResNet(nn.Module):
     w = self.width
     x = images.astype(self.dtype)
     for i, (features, strides) in enumerate([(w // 2, 2), (w // 2, 1), (w, 1)], start=1):
-      x = layers.ConvBN(features, 3, strides=strides, frozen_bn=self.frozen_bn, dtype=self.dtype,
-                        name=f"stem{i}")(x, train)
+      x = layers.ConvBN(features, 3, strides=strides, frozen_bn=self.frozen_bn, dtype=self.dtype, name=f"stem{i}")(
+        x, train
+      )
     x = layers.avg_pool(x, 2)
     stage_outputs = []
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = Bottleneck(w * 2 ** stage, strides, frozen_bn=self.frozen_bn, dtype=self.dtype,
-                       name=f"layer{stage + 1}_{block}")(x, train)
+        x = Bottleneck(
+          w * 2**stage, strides, frozen_bn=self.frozen_bn, dtype=self.dtype, name=f"layer{stage + 1}_{block}"
+        )(x, train)
       stage_outputs.append(x)
     grid = (self.image_size // 32, self.image_size // 32)
-    f_v4 = AttentionPool(grid, self.num_heads, self.out_dim, frozen_bn=self.frozen_bn, dtype=self.dtype,
-                         name="attnpool")(stage_outputs[3], train)
+    f_v4 = AttentionPool(
+      grid, self.num_heads, self.out_dim, frozen_bn=self.frozen_bn, dtype=self.dtype, name="attnpool"
+    )(stage_outputs[3], train)
     return stage_outputs[1], stage_outputs[2], f_v4
 
 
 def _torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   """out×in interpolation matrix of PyTorch's bicubic resize (A = -0.75, align_corners=False, clamped taps)."""
   a = -0.75
-  cubic1 = lambda t: ((a + 2) * t - (a + 3)) * t * t + 1          # |t| ≤ 1
-  cubic2 = lambda t: ((a * t - 5 * a) * t + 8 * a) * t - 4 * a     # 1 < |t| < 2
+  cubic1 = lambda t: ((a + 2) * t - (a + 3)) * t * t + 1  # |t| ≤ 1
+  cubic2 = lambda t: ((a * t - 5 * a) * t + 8 * a) * t - 4 * a  # 1 < |t| < 2
   matrix = np.zeros((out_size, in_size), np.float64)
   scale = in_size / out_size
   for o in range(out_size):

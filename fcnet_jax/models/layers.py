@@ -3,6 +3,7 @@
 All image tensors are NHWC. Every module takes a compute `dtype` (bf16 or fp32); parameters stay float32.
 Epsilons follow PyTorch's defaults (1e-5) so converted CLIP/CRIS weights reproduce the reference numerics.
 """
+
 import functools
 from typing import Any, Optional
 
@@ -35,6 +36,7 @@ class ConvBN(nn.Module):
     relu: apply ReLU after the BatchNorm.
     frozen_bn: always use running statistics (the config's `freeze_backbone_bn`).
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -44,10 +46,18 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides, padding=_pad(self.kernel_size),
-                use_bias=False, dtype=self.dtype, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train or self.frozen_bn, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                     dtype=self.dtype, name="bn")(x)
+    x = nn.Conv(
+      self.features,
+      (self.kernel_size,) * 2,
+      strides=self.strides,
+      padding=_pad(self.kernel_size),
+      use_bias=False,
+      dtype=self.dtype,
+      name="conv",
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train or self.frozen_bn, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=self.dtype, name="bn"
+    )(x)
     return nn.relu(x) if self.relu else x
 
 
@@ -64,6 +74,7 @@ class MultiHeadAttention(nn.Module):
     out_name: parameter name of the output projection ("out"; "c_proj" in CLIP's attention pool).
     query_init_scale: the query projection's LeCun-normal init is multiplied by this (1.0: the default init).
   """
+
   num_heads: int
   features: int
   out_features: Optional[int] = None
@@ -72,9 +83,17 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, queries: jax.Array, keys: jax.Array, values: jax.Array, *,
-               key_mask: Optional[jax.Array] = None, query_pos: Optional[jax.Array] = None,
-               key_pos: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    *,
+    key_mask: Optional[jax.Array] = None,
+    query_pos: Optional[jax.Array] = None,
+    key_pos: Optional[jax.Array] = None,
+    is_causal: bool = False,
+  ) -> jax.Array:
     """queries B×T×Dq, keys/values B×S×Dk, key_mask B×S (True = attend). Returns B×T×out_features.
 
     Positional encodings (if given) are added to the inputs of the q and k projections only (DETR/CRIS style).
@@ -85,14 +104,13 @@ class MultiHeadAttention(nn.Module):
     dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype)
     q_in = queries if query_pos is None else queries + query_pos
     k_in = keys if key_pos is None else keys + key_pos
-    q_init = nn.initializers.variance_scaling(self.query_init_scale ** 2, "fan_in", "truncated_normal")
+    q_init = nn.initializers.variance_scaling(self.query_init_scale**2, "fan_in", "truncated_normal")
     q = dense(name="query", kernel_init=q_init)(q_in)
     k = dense(name="key")(k_in)
     v = dense(name="value")(values)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)  # B×T×N×h
-    return nn.DenseGeneral(self.out_features or self.features, axis=(-2, -1), dtype=self.dtype,
-                           name=self.out_name)(out)
+    return nn.DenseGeneral(self.out_features or self.features, axis=(-2, -1), dtype=self.dtype, name=self.out_name)(out)
 
 
 def upsample2x(x: jax.Array) -> jax.Array:
@@ -131,5 +149,5 @@ def sine_position_encoding_2d(height: int, width: int, dim: int) -> np.ndarray:
   pe[:, :, 0:half:2] = np.sin(xs)[None, :, :]
   pe[:, :, 1:half:2] = np.cos(xs)[None, :, :]
   pe[:, :, half::2] = np.sin(ys)[:, None, :]
-  pe[:, :, half + 1::2] = np.cos(ys)[:, None, :]
+  pe[:, :, half + 1 :: 2] = np.cos(ys)[:, None, :]
   return pe.reshape(height * width, dim).astype(np.float32)

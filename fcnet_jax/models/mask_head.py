@@ -1,4 +1,5 @@
 """Mask head and loss (sec. 3.4; docs/model.md): H/16 → H/4 and the final 3×3 conv to one logit; sigmoid BCE."""
+
 from typing import Any
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ Dtype = Any
 
 class MaskHead(nn.Module):
   """×2 up → 3×3 conv C→C, ×2 up → 3×3 conv C→C/2 (conv + BN + ReLU, as CRIS), final 3×3 conv → 1 logit."""
+
   hidden_dim: int
   dtype: Dtype = jnp.float32
 
@@ -25,8 +27,9 @@ class MaskHead(nn.Module):
     return x[..., 0].astype(jnp.float32)
 
 
-def mask_loss(logits: jax.Array, target: jax.Array, weights: jax.Array | None = None,
-              dice_weight: float = 0.0) -> jax.Array:
+def mask_loss(
+  logits: jax.Array, target: jax.Array, weights: jax.Array | None = None, dice_weight: float = 0.0
+) -> jax.Array:
   """Mean sigmoid binary cross-entropy between B×h×w logits and a {0,1} target at the same size (the paper).
 
   `weights` (B,) excludes examples (e.g. padding) from the mean; the mean is over the remaining pixels.

@@ -1,4 +1,5 @@
 """Vision neck (paper sec. 3.2, eqs. 1–3; docs/model.md): fuses F_v2, F_v3, F_v4 into F_v at H/16. Vision only."""
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ class VisionNeck(nn.Module):
     neck_dims: (d2, d3, d4) = CRIS's (256, 512, 1024).
     hidden_dim: C, the width of F_v.
   """
+
   neck_dims: Sequence[int]
   hidden_dim: int
   dtype: Dtype = jnp.float32
@@ -36,8 +38,14 @@ class VisionNeck(nn.Module):
     f_m2 = jnp.concatenate([conv(d3, 3, "m3_proj")(f_m3, train), conv(d2, 3, "v2_proj")(f_v2, train)], axis=-1)
     f_m2 = conv(d3, 1, "m2_fuse")(f_m2, train)
     # Eq. 3: F_m = Conv([P2(F_m2), P3(F_m3), P4(F_m4)]) (CRIS's f4_proj* then aggregation).
-    f_m = jnp.concatenate([conv(self.hidden_dim, 3, "p2")(f_m2, train), conv(self.hidden_dim, 3, "p3")(f_m3, train),
-                           conv(self.hidden_dim, 3, "p4")(f_m4, train)], axis=-1)
+    f_m = jnp.concatenate(
+      [
+        conv(self.hidden_dim, 3, "p2")(f_m2, train),
+        conv(self.hidden_dim, 3, "p3")(f_m3, train),
+        conv(self.hidden_dim, 3, "p4")(f_m4, train),
+      ],
+      axis=-1,
+    )
     f_m = conv(self.hidden_dim, 1, "aggregate")(f_m, train)
     # Eq. 3: F_v = Conv([F_m, F_coord]), then one more 3×3 conv (CRIS CoordConv).
     b, h, w, _ = f_m.shape

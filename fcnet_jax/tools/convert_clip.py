@@ -89,9 +89,7 @@ def define_flags() -> None:
 
 def run() -> None:
   """Console entry point (fcnet-convert-clip)."""
-  if "src" not in flags.FLAGS:
-    define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ FLOPs come from XLA's HLO cost analysis of the jitted inference forward pass at 
 multiply-add as 2 FLOPs (the paper's Table 5 "GFLOPs" count it once). The benchmark
 (`fcnet_jax.tools.benchmark`) reports the same numbers through `model_summary`.
 """
+
 from typing import Any, Dict, Optional, Sequence
 
 from absl import flags
@@ -66,23 +67,32 @@ def model_summary(model_config) -> Dict[str, Any]:
   variables = abstract_variables(model)
   per_module = {name: count_parameters(sub) for name, sub in variables["params"].items()}
   flops = forward_flops(model, variables)
-  return {"params": count_parameters(variables["params"]), "params_per_module": per_module,
-          "forward_gflops_per_image": flops / 1e9, "forward_gmacs_per_image": flops / 2e9,
-          "image_size": model.image_size, "context_length": model.context_length, "variables": variables}
+  return {
+    "params": count_parameters(variables["params"]),
+    "params_per_module": per_module,
+    "forward_gflops_per_image": flops / 1e9,
+    "forward_gmacs_per_image": flops / 2e9,
+    "image_size": model.image_size,
+    "context_length": model.context_length,
+    "variables": variables,
+  }
 
 
 def main(argv: Sequence[str]) -> None:
   del argv  # cli.run rejects extra arguments.
   from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+
   summary = model_summary(flags.FLAGS.config.model)
   print(parameter_overview.get_parameter_overview(summary["variables"]["params"], include_stats=False))
   print("\nParameters per module:")
   for name, count in summary["params_per_module"].items():
     print(f"  {name:<24} {count / 1e6:10.3f} M")
   print(f"  {'total':<24} {summary['params'] / 1e6:10.3f} M")
-  print(f"\nForward pass at {summary['image_size']}×{summary['image_size']}, L={summary['context_length']}: "
-        f"{summary['forward_gflops_per_image']:.2f} GFLOPs per image "
-        f"(= {summary['forward_gmacs_per_image']:.2f} G multiply-adds; XLA counts a multiply-add as 2 FLOPs)")
+  print(
+    f"\nForward pass at {summary['image_size']}×{summary['image_size']}, L={summary['context_length']}: "
+    f"{summary['forward_gflops_per_image']:.2f} GFLOPs per image "
+    f"(= {summary['forward_gmacs_per_image']:.2f} G multiply-adds; XLA counts a multiply-add as 2 FLOPs)"
+  )
 
 
 def define_flags() -> None:
@@ -91,15 +101,14 @@ def define_flags() -> None:
 
   from configs import tiny  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", tiny.__file__, "Configuration file (configs/*.py; default: "
-                                  "configs/tiny.py).")
+  config_flags.DEFINE_config_file(
+    "config", tiny.__file__, "Configuration file (configs/*.py; default: configs/tiny.py)."
+  )
 
 
 def run() -> None:
   """Console entry point (fcnet-summary)."""
-  if "config" not in flags.FLAGS:
-    define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

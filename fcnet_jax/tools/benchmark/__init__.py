@@ -34,4 +34,5 @@ matmul peak), `stages`, `hlo` (HLO text reader), `profile` (xplane summary), `re
 def run() -> None:
   """Console entry point (fcnet-benchmark); imports the benchmark only when called."""
   from fcnet_jax.tools.benchmark import cli  # pylint: disable=g-import-not-at-top
+
   cli.run()

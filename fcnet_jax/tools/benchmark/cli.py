@@ -1,4 +1,5 @@
 """The benchmark's command line: absl flags (the options of `settings.Settings`, plus --config and --out)."""
+
 import os
 import sys
 from typing import Sequence
@@ -20,8 +21,9 @@ def define_flags() -> None:
 
   from configs import tiny  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", tiny.__file__, "Configuration file (configs/*.py; default: "
-                                  "configs/tiny.py).")
+  config_flags.DEFINE_config_file(
+    "config", tiny.__file__, "Configuration file (configs/*.py; default: configs/tiny.py)."
+  )
   flags.DEFINE_string("out", "", "Write the results as JSON here (rewritten after every variant).")
   settings_lib.define_flags()
 
@@ -29,6 +31,7 @@ def define_flags() -> None:
 def config_name() -> str:
   """The config file's name and any --config.* overrides, as the JSON and the table name the run."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   if overrides:

@@ -4,6 +4,7 @@ Works on both `lowered.as_text(dialect="hlo")` (what JAX asked for) and `compile
 it): fusions, convolution layouts and dtypes, matmuls by dtype, transposes and copies outside fusions, fused
 attention kernels, host transfers, collectives and input/output aliasing (donation).
 """
+
 import collections
 import dataclasses
 import re
@@ -17,6 +18,7 @@ from fcnet_jax.tools.benchmark import timing
 @dataclasses.dataclass
 class HloInstruction:
   """One instruction of an HLO computation: its name, opcode, result shape, full text and computation."""
+
   name: str
   opcode: str
   shape: str
@@ -79,7 +81,7 @@ def _parse_instruction(line: str, computation: str) -> Optional[HloInstruction]:
   if rest.startswith("("):  # Tuple shape: skip to the matching parenthesis.
     end = _closing(rest, 0, "(", ")")
     end = len(rest) - 1 if end < 0 else end
-    shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    shape, rest = rest[: end + 1], rest[end + 1 :].lstrip()
   else:
     shape, _, rest = rest.partition(" ")
   match = re.match(r"([a-z][\w\-]*)\(", rest)
@@ -95,7 +97,7 @@ def _braced(line: str, key: str) -> str:
     return ""
   start += len(key)
   end = _closing(line, start, "{", "}")
-  return line[start + 1:end] if end >= 0 else ""
+  return line[start + 1 : end] if end >= 0 else ""
 
 
 def _element_type(shape: str) -> str:
@@ -110,11 +112,18 @@ def _elements(shape: str) -> int:
   return int(np.prod([int(d) for d in match.group(1).split(",")]))
 
 
-_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s8": 1, "u8": 1, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
-          "pred": 1}
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s8": 1, "u8": 1, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "pred": 1}
 HOST_OPCODES = ("infeed", "outfeed", "send", "recv", "send-done", "recv-done")
-COLLECTIVE_OPCODES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all",
-                      "all-reduce-start", "all-gather-start", "collective-permute-start")
+COLLECTIVE_OPCODES = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "collective-permute",
+  "all-to-all",
+  "all-reduce-start",
+  "all-gather-start",
+  "collective-permute-start",
+)
 
 
 def _op_name(inst: HloInstruction) -> str:
@@ -138,8 +147,12 @@ def hlo_report(text: str, expect_dtype: Optional[str] = None, examples: int = 8)
   """
   computations, entry, fusion_kinds = parse_hlo(text)
   # Fused computations and reducer bodies (to_apply=) run inside other kernels; the rest launch work.
-  fused = set(fusion_kinds) | {name for insts in computations.values() for inst in insts
-                               for name in re.findall(r"to_apply=%?([\w.\-]+)", inst.text)}
+  fused = set(fusion_kinds) | {
+    name
+    for insts in computations.values()
+    for inst in insts
+    for name in re.findall(r"to_apply=%?([\w.\-]+)", inst.text)
+  }
   all_instructions = [inst for insts in computations.values() for inst in insts]
   top_level = [inst for inst in all_instructions if inst.computation not in fused]
   opcodes = collections.Counter(inst.opcode for inst in all_instructions)
@@ -172,34 +185,38 @@ def hlo_report(text: str, expect_dtype: Optional[str] = None, examples: int = 8)
   header = next((line for line in text.splitlines() if line.startswith("HloModule")), "")
   aliases, donors = _braced(header, "input_output_alias="), _braced(header, "buffer_donor=")
   report = {
-      "instructions": len(all_instructions),
-      "top_level_instructions": len(top_level),
-      "entry": entry,
-      "fusions": len([i for i in top_level if i.opcode == "fusion"]),
-      "fusion_kinds": dict(collections.Counter(fusion_kinds.values())),
-      "opcodes_top": dict(opcodes.most_common(15)),
-      "convolutions": sum(conv_dtypes.values()),
-      "convolution_layouts": dict(conv_layouts),
-      "convolution_dtypes": dict(conv_dtypes),
-      "matmul_dtypes": dict(matmul_dtypes),
-      "transposes_top_level": sum(1 for i in moves if i.opcode == "transpose"),
-      "copies_top_level": sum(1 for i in moves if i.opcode == "copy"),
-      "transpose_copy_gib": move_bytes / timing.GIB,
-      "transposes_all": opcodes.get("transpose", 0),
-      "custom_call_targets": dict(targets),
-      "host_transfers": host_transfers,
-      "collectives": {op: opcodes[op] for op in COLLECTIVE_OPCODES if opcodes.get(op)},
-      "while_loops": opcodes.get("while", 0),
-      "attention_fused_kernels": attention_kernels,
-      "attention_implementation": ("cuDNN fused attention (fMHA custom call)" if attention_kernels else
-                                   "XLA einsum + softmax (logits B×heads×T×S materialised)"),
-      "input_output_aliases": aliases.count("-alias)"),
-      "buffer_donors": donors.count("("),
+    "instructions": len(all_instructions),
+    "top_level_instructions": len(top_level),
+    "entry": entry,
+    "fusions": len([i for i in top_level if i.opcode == "fusion"]),
+    "fusion_kinds": dict(collections.Counter(fusion_kinds.values())),
+    "opcodes_top": dict(opcodes.most_common(15)),
+    "convolutions": sum(conv_dtypes.values()),
+    "convolution_layouts": dict(conv_layouts),
+    "convolution_dtypes": dict(conv_dtypes),
+    "matmul_dtypes": dict(matmul_dtypes),
+    "transposes_top_level": sum(1 for i in moves if i.opcode == "transpose"),
+    "copies_top_level": sum(1 for i in moves if i.opcode == "copy"),
+    "transpose_copy_gib": move_bytes / timing.GIB,
+    "transposes_all": opcodes.get("transpose", 0),
+    "custom_call_targets": dict(targets),
+    "host_transfers": host_transfers,
+    "collectives": {op: opcodes[op] for op in COLLECTIVE_OPCODES if opcodes.get(op)},
+    "while_loops": opcodes.get("while", 0),
+    "attention_fused_kernels": attention_kernels,
+    "attention_implementation": (
+      "cuDNN fused attention (fMHA custom call)"
+      if attention_kernels
+      else "XLA einsum + softmax (logits B×heads×T×S materialised)"
+    ),
+    "input_output_aliases": aliases.count("-alias)"),
+    "buffer_donors": donors.count("("),
   }
   if expect_dtype is not None and expect_dtype != "float32":
     report["f32_convs_and_matmuls"] = len(f32_compute)
-    report["f32_examples"] = [name for name, _ in collections.Counter(
-        _short_op_name(n) for n in f32_compute).most_common(examples)]
+    report["f32_examples"] = [
+      name for name, _ in collections.Counter(_short_op_name(n) for n in f32_compute).most_common(examples)
+    ]
   return report
 
 
@@ -207,4 +224,3 @@ def _short_op_name(op_name: str) -> str:
   """Drops the jit/transpose wrappers of a JAX op_name, keeping the module path."""
   parts = [p for p in op_name.split("/") if not p.startswith(("jit(", "jvp(", "transpose(", "vmap("))]
   return "/".join(parts[-4:])
-

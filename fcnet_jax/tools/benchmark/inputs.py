@@ -1,4 +1,5 @@
 """What the benchmark feeds the model: synthetic batches, random weights, a train state with the real optimiser."""
+
 from typing import Any, Dict
 
 import jax
@@ -12,8 +13,9 @@ from fcnet_jax.models import fcnet
 from fcnet_jax.tools import summary
 
 
-def synthetic_batch(rng: np.random.Generator, batch_size: int, image_size: int,
-                    context_length: int) -> Dict[str, np.ndarray]:
+def synthetic_batch(
+  rng: np.random.Generator, batch_size: int, image_size: int, context_length: int
+) -> Dict[str, np.ndarray]:
   """A host batch shaped like `input_pipeline`'s training batches (never all zeros: zeros can time faster).
 
   image B×S×S×3 uint8 noise; mask B×S×S uint8 0/1 with a random rectangle per example; tokens B×L int32
@@ -25,10 +27,10 @@ def synthetic_batch(rng: np.random.Generator, batch_size: int, image_size: int,
   for b in range(batch_size):
     top, left = rng.integers(0, image_size // 2, 2)
     height, width = rng.integers(image_size // 8, image_size // 2, 2)
-    masks[b, top:top + height, left:left + width] = 1
+    masks[b, top : top + height, left : left + width] = 1
     words = int(rng.integers(1, context_length - 1))
     tokens[b, 0] = tokenizer.SOT_TOKEN
-    tokens[b, 1:words + 1] = rng.integers(1, 49000, words)
+    tokens[b, 1 : words + 1] = rng.integers(1, 49000, words)
     tokens[b, words + 1] = tokenizer.EOT_TOKEN
   return {"image": images, "mask": masks, "tokens": tokens, "valid": np.ones((batch_size,), bool)}
 
@@ -62,19 +64,20 @@ def random_variables(abstract: Any, seed: int) -> Any:
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def create_benchmark_state(config: ml_collections.ConfigDict, model: fcnet.FCNet, mesh: jax.sharding.Mesh,
-                           seed: int) -> train.TrainState:
+def create_benchmark_state(
+  config: ml_collections.ConfigDict, model: fcnet.FCNet, mesh: jax.sharding.Mesh, seed: int
+) -> train.TrainState:
   """A replicated `train.TrainState` with random weights and the real optimiser (`train.create_optimizer`)."""
   variables = random_variables(summary.abstract_variables(model), seed)
   learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000, total_steps=50_000)
   tx = train.create_optimizer(config, learning_rate_fn)
 
   def create(params, batch_stats, rng):
-    return train.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
-                                   dropout_rng=rng)
+    return train.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats, dropout_rng=rng)
 
   return jax.jit(create, out_shardings=sharding.replicated_sharding(mesh))(
-      variables["params"], variables.get("batch_stats", {}), jax.random.key(seed))
+    variables["params"], variables.get("batch_stats", {}), jax.random.key(seed)
+  )
 
 
 def model_with_dtype(config: ml_collections.ConfigDict, dtype: str) -> fcnet.FCNet:

@@ -4,6 +4,7 @@ Ops are put in categories (convolution, matmul, attention, transposes/copies, re
 collectives) by their kernel name, or, where the HLO text of the traced program is given, by what the HLO
 instruction computes.
 """
+
 import collections
 import glob
 import os
@@ -15,14 +16,14 @@ import jax
 from fcnet_jax.tools.benchmark import hlo
 
 PROFILE_CATEGORIES = (  # First match wins: cuDNN convolutions are implicit GEMMs, so they come before matmul;
-    # layout kernels first, but by their own names: convolution kernel names carry layouts ("…_nhwckrsc_nchw").
-    ("transpose/copy", r"nchwtonhwc|nhwctonchw|transpose|copy|memcpy|memset"),
-    ("attention", r"fmha|flash|attention|softmax"),
-    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|cudnn"),
-    ("matmul", r"gemm|matmul|\bdot|cublas|nvjet|xmma|cutlass|wgmma|triton"),
-    ("collective", r"nccl|all-reduce|all_reduce|allreduce|all-gather"),
-    ("reduction", r"reduce"),
-    ("elementwise fusion", r"fusion|loop|elementwise"),
+  # layout kernels first, but by their own names: convolution kernel names carry layouts ("…_nhwckrsc_nchw").
+  ("transpose/copy", r"nchwtonhwc|nhwctonchw|transpose|copy|memcpy|memset"),
+  ("attention", r"fmha|flash|attention|softmax"),
+  ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|cudnn"),
+  ("matmul", r"gemm|matmul|\bdot|cublas|nvjet|xmma|cutlass|wgmma|triton"),
+  ("collective", r"nccl|all-reduce|all_reduce|allreduce|all-gather"),
+  ("reduction", r"reduce"),
+  ("elementwise fusion", r"fusion|loop|elementwise"),
 )
 _PROFILE_SKIP = re.compile(r"threadpool|await|wait|^end:|pjrt|execute|thunkexecutor|^\$|python|steps?$")
 
@@ -42,10 +43,17 @@ def hlo_categories(text: str) -> Dict[str, str]:
   body_category = {}
   for name in fusion_kinds:
     opcodes = {inst.opcode for inst in computations.get(name, [])}
-    body_category[name] = ("convolution" if "convolution" in opcodes else "matmul" if "dot" in opcodes else
-                           "reduction" if opcodes & {"reduce", "reduce-window"} else
-                           "transpose/copy" if opcodes <= {"parameter", "transpose", "copy", "bitcast"} else
-                           "elementwise fusion")
+    body_category[name] = (
+      "convolution"
+      if "convolution" in opcodes
+      else "matmul"
+      if "dot" in opcodes
+      else "reduction"
+      if opcodes & {"reduce", "reduce-window"}
+      else "transpose/copy"
+      if opcodes <= {"parameter", "transpose", "copy", "bitcast"}
+      else "elementwise fusion"
+    )
   out = {}
   for name, instructions in computations.items():
     if name in fusion_kinds:
@@ -63,7 +71,7 @@ def hlo_categories(text: str) -> Dict[str, str]:
 
 
 def _hlo_name(event_name: str) -> str:
-  """"%fusion.12 = bf16[…] fusion(…)" or "fusion.12" → "fusion.12"."""
+  """ "%fusion.12 = bf16[…] fusion(…)" or "fusion.12" → "fusion.12"."""
   return event_name.strip().lstrip("%").split(" ")[0]
 
 
@@ -112,18 +120,33 @@ def summarize_profile(trace_dir: str, steps: int, hlo_text: str = "", top: int =
     categories[names.get(_hlo_name(name), categorize(name))] += ms
   ranked = sorted(ops.items(), key=lambda item: -item[1][0])[:top]
   result = {
-      "file": files[-1], "source": source, "steps": steps, "total_ms": total_ms,
-      "per_step_ms": total_ms / max(steps, 1), "ops_per_step": sum(n for _, n in ops.values()) / max(steps, 1),
-      "categories_ms_per_step": {k: v / max(steps, 1) for k, v in
-                                 sorted(categories.items(), key=lambda item: -item[1])},
-      "top_ops": [{"name": name[:120], "category": names.get(_hlo_name(name), categorize(name)),
-                   "ms_per_step": ms / max(steps, 1), "share": ms / total_ms if total_ms else None, "count": n}
-                  for name, (ms, n) in ranked],
+    "file": files[-1],
+    "source": source,
+    "steps": steps,
+    "total_ms": total_ms,
+    "per_step_ms": total_ms / max(steps, 1),
+    "ops_per_step": sum(n for _, n in ops.values()) / max(steps, 1),
+    "categories_ms_per_step": {k: v / max(steps, 1) for k, v in sorted(categories.items(), key=lambda item: -item[1])},
+    "top_ops": [
+      {
+        "name": name[:120],
+        "category": names.get(_hlo_name(name), categorize(name)),
+        "ms_per_step": ms / max(steps, 1),
+        "share": ms / total_ms if total_ms else None,
+        "count": n,
+      }
+      for name, (ms, n) in ranked
+    ],
   }
   if by_name and kernels:
     kernel_total = sum(ms for ms, _ in kernels.values())
-    result["top_kernels"] = [{"name": name[:120], "ms_per_step": ms / max(steps, 1),
-                              "share": ms / kernel_total if kernel_total else None, "count": n}
-                             for name, (ms, n) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]]
+    result["top_kernels"] = [
+      {
+        "name": name[:120],
+        "ms_per_step": ms / max(steps, 1),
+        "share": ms / kernel_total if kernel_total else None,
+        "count": n,
+      }
+      for name, (ms, n) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]
+    ]
   return result
-

@@ -5,6 +5,7 @@ the process's peak memory after a training variant is then that variant's own pe
 training, inference's `peak_bytes_in_use` is that high-water mark; its `xla_memory` is its own.) A variant that
 fails (e.g. out of memory at batch 32) is recorded in `errors` and the run goes on.
 """
+
 import dataclasses
 import functools
 import os
@@ -53,6 +54,7 @@ def git_commit(path: str) -> Dict[str, Any]:
 def _jaxlib_version() -> Optional[str]:
   try:
     import jaxlib  # pylint: disable=g-import-not-at-top
+
     return jaxlib.__version__
   except Exception:  # pylint: disable=broad-except
     return None
@@ -61,8 +63,9 @@ def _jaxlib_version() -> Optional[str]:
 class Benchmark:
   """Runs the sections for one config and keeps every number in `self.results` (written to `out`)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, settings: settings_lib.Settings, out: str = "",
-               config_name: str = ""):
+  def __init__(
+    self, config: ml_collections.ConfigDict, settings: settings_lib.Settings, out: str = "", config_name: str = ""
+  ):
     self.config, self.settings, self.out = config, settings, out
     self.mesh = sharding.create_mesh()
     self.devices = jax.device_count()
@@ -70,13 +73,25 @@ class Benchmark:
     device = jax.local_devices()[0]
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     self.results: Dict[str, Any] = {
-        "config": config_name, "backend": jax.default_backend(), "device_kind": device.device_kind,
-        "device_count": self.devices, "process_count": jax.process_count(),
-        "jax_version": jax.__version__, "jaxlib_version": _jaxlib_version(),
-        "flax_version": flax.__version__, "python": sys.version.split()[0], **git_commit(repo),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": dataclasses.asdict(settings),
-        "model": {}, "matmul_peak": {}, "train": [], "inference": [], "stages": {}, "diagnostics": {},
-        "errors": [],
+      "config": config_name,
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "device_count": self.devices,
+      "process_count": jax.process_count(),
+      "jax_version": jax.__version__,
+      "jaxlib_version": _jaxlib_version(),
+      "flax_version": flax.__version__,
+      "python": sys.version.split()[0],
+      **git_commit(repo),
+      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "settings": dataclasses.asdict(settings),
+      "model": {},
+      "matmul_peak": {},
+      "train": [],
+      "inference": [],
+      "stages": {},
+      "diagnostics": {},
+      "errors": [],
     }
     self.forward_flops = None
     self._lowered = None  # Of the variant compiled last (its HLO report needs it).
@@ -146,12 +161,15 @@ class Benchmark:
     described = summary.model_summary(self.config.model)
     self.forward_flops = described["forward_gflops_per_image"] * 1e9
     self.results["model"] = {
-        "params": described["params"], "params_per_module": described["params_per_module"],
-        "forward_gflops_per_image": described["forward_gflops_per_image"], "image_size": self.model.image_size,
-        "context_length": self.model.context_length, "config_dtype": self.model.dtype,
-        "flops_note": "XLA cost analysis of the inference forward pass at batch 1; a multiply-add counts 2"}
-    self.log(f"model: {described['params'] / 1e6:.2f} M parameters, "
-             f"{self.forward_flops / 1e9:.3f} GFLOPs per image")
+      "params": described["params"],
+      "params_per_module": described["params_per_module"],
+      "forward_gflops_per_image": described["forward_gflops_per_image"],
+      "image_size": self.model.image_size,
+      "context_length": self.model.context_length,
+      "config_dtype": self.model.dtype,
+      "flops_note": "XLA cost analysis of the inference forward pass at batch 1; a multiply-add counts 2",
+    }
+    self.log(f"model: {described['params'] / 1e6:.2f} M parameters, {self.forward_flops / 1e9:.3f} GFLOPs per image")
 
   def _batch(self, rng: np.random.Generator, per_device_batch: int) -> Dict[str, jax.Array]:
     local = per_device_batch * jax.local_device_count()
@@ -163,11 +181,12 @@ class Benchmark:
     model = inputs.model_with_dtype(self.config, dtype)
     state = state.for_inference()  # What evaluation passes too: no optimiser moments to flatten per call.
     batch = self._batch(rng, per_device_batch)
-    predict = jax.jit(functools.partial(evaluate.predict_step, model=model),
-                      in_shardings=(sharding.replicated_sharding(self.mesh), sharding.batch_sharding(self.mesh)),
-                      out_shardings=sharding.batch_sharding(self.mesh))
-    result = {"dtype": dtype, "per_device_batch": per_device_batch,
-              "global_batch": per_device_batch * self.devices, "memory_before": timing.memory_in_use()}
+    predict = jax.jit(
+      functools.partial(evaluate.predict_step, model=model),
+      in_shardings=(sharding.replicated_sharding(self.mesh), sharding.batch_sharding(self.mesh)),
+      out_shardings=sharding.batch_sharding(self.mesh),
+    )
+    result = self._variant(dtype, per_device_batch)
     with sharding.use_mesh(self.mesh):
       compiled = self._compile(predict, (state, batch), result)
     if not s.compile_only:
@@ -177,33 +196,38 @@ class Benchmark:
           jax.block_until_ready(call())
         throughput = timing.timing_stats(timing.time_calls(call, s.repeats, s.calls_per_repeat))
         latency = timing.timing_stats(timing.time_latency(call, s.latency_repeats))
-      result.update({
-          "call_s": throughput, "images_per_s": result["global_batch"] / throughput["median_s"],
-          "latency_ms_median": latency["median_s"] * 1e3, "latency_ms_p90": latency["p90_s"] * 1e3,
-          "latency_ms_min": latency["min_s"] * 1e3})
+      result.update(
+        {
+          "call_s": throughput,
+          "images_per_s": result["global_batch"] / throughput["median_s"],
+          "latency_ms_median": latency["median_s"] * 1e3,
+          "latency_ms_p90": latency["p90_s"] * 1e3,
+          "latency_ms_min": latency["min_s"] * 1e3,
+        }
+      )
       result["achieved_tflops"] = self.forward_flops * result["images_per_s"] / 1e12
       if s.profile_dir and s.profile_infer_variant == (dtype, per_device_batch):
         with sharding.use_mesh(self.mesh):
-          self._diagnostic("profile_infer", lambda: self.profile(call, compiled, result, "profile_infer",
-                                                                 result["call_s"]["median_s"]))
+          self._diagnostic(
+            "profile_infer", lambda: self.profile(call, compiled, result, "profile_infer", result["call_s"]["median_s"])
+          )
     result["memory"] = timing.memory_in_use()
     self.results["inference"].append(result)
     self.log(report.variant_line("infer", result))
 
-  def run_train(self, state: train.TrainState, dtype: str, per_device_batch: int,
-                rng: np.random.Generator) -> train.TrainState:
+  def run_train(
+    self, state: train.TrainState, dtype: str, per_device_batch: int, rng: np.random.Generator
+  ) -> train.TrainState:
     s = self.settings
     model = inputs.model_with_dtype(self.config, dtype)
     batch = self._batch(rng, per_device_batch)
     step = train.jit_train_step(self.config, model, self.mesh)
-    result = {"dtype": dtype, "per_device_batch": per_device_batch,
-              "global_batch": per_device_batch * self.devices, "memory_before": timing.memory_in_use()}
+    result = self._variant(dtype, per_device_batch)
     with sharding.use_mesh(self.mesh):
       compiled = self._compile(step, (state, batch), result)
     diagnose = s.diagnose_variant == (dtype, per_device_batch)
     if diagnose and s.hlo_report:
-      self._diagnostic("hlo", lambda: self.report_hlo(compiled, dtype, per_device_batch,
-                                                      len(jax.tree.leaves(state))))
+      self._diagnostic("hlo", lambda: self.report_hlo(compiled, dtype, per_device_batch, len(jax.tree.leaves(state))))
     if s.compile_only:
       result["memory"] = timing.memory_in_use()
       self.results["train"].append(result)
@@ -227,19 +251,35 @@ class Benchmark:
       result["achieved_tflops"] = 3 * self.forward_flops * result["images_per_s"] / 1e12
       result["memory"] = timing.memory_in_use()
       if diagnose and s.profile_dir:
-        self._diagnostic("profile", lambda: self.profile(call, compiled, result, "profile",
-                                                         result["step_s"]["median_s"], self._compiled_text))
+        self._diagnostic(
+          "profile",
+          lambda: self.profile(call, compiled, result, "profile", result["step_s"]["median_s"], self._compiled_text),
+        )
     self.results["train"].append(result)
     self.log(report.variant_line("train", result))
     return holder["state"]
+
+  def _variant(self, dtype: str, per_device_batch: int) -> Dict[str, Any]:
+    """The record of one measured (dtype, batch) variant, before timing."""
+    return {
+      "dtype": dtype,
+      "per_device_batch": per_device_batch,
+      "global_batch": per_device_batch * self.devices,
+      "memory_before": timing.memory_in_use(),
+    }
 
   def _compile(self, jitted: Any, args: Any, result: Dict[str, Any]) -> Any:
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
-    result.update({"lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at,
-                   "xla_memory": timing.compiled_memory(compiled)})
+    result.update(
+      {
+        "lower_s": lowered_at - start,
+        "compile_s": time.perf_counter() - lowered_at,
+        "xla_memory": timing.compiled_memory(compiled),
+      }
+    )
     flops = summary.xla_flops(lowered)
     if flops is not None:
       result["xla_gflops_per_image"] = flops / result["global_batch"] / 1e9
@@ -250,17 +290,28 @@ class Benchmark:
     compiled_text = compiled.as_text()
     lowered_text = self._lowered.as_text(dialect="hlo", debug_info=True)
     self.results["diagnostics"]["hlo"] = {
-        "variant": f"{dtype}:{per_device_batch}", "state_leaves": state_leaves,
-        "lowered": hlo.hlo_report(lowered_text, dtype), "compiled": hlo.hlo_report(compiled_text, dtype)}
+      "variant": f"{dtype}:{per_device_batch}",
+      "state_leaves": state_leaves,
+      "lowered": hlo.hlo_report(lowered_text, dtype),
+      "compiled": hlo.hlo_report(compiled_text, dtype),
+    }
     self._compiled_text = compiled_text
     if self.settings.hlo_dump_dir:
       for kind, text in (("lowered", lowered_text), ("compiled", compiled_text)):
         fileio.atomic_write(
-            os.path.join(self.settings.hlo_dump_dir, f"train_{dtype}_b{per_device_batch}.{kind}.hlo"), text)
+          os.path.join(self.settings.hlo_dump_dir, f"train_{dtype}_b{per_device_batch}.{kind}.hlo"), text
+        )
     self.save()
 
-  def profile(self, call: Callable[[], Any], compiled: Any, result: Dict[str, Any], name: str, timed_s: float,
-              hlo_text: Optional[str] = None):
+  def profile(
+    self,
+    call: Callable[[], Any],
+    compiled: Any,
+    result: Dict[str, Any],
+    name: str,
+    timed_s: float,
+    hlo_text: Optional[str] = None,
+  ):
     """Traces `profile_steps` calls into <profile_dir>/<name> and keeps the summary as diagnostics[name].
 
     `busy_fraction` (device time of the ops / the timed call) well below 1 with many ops per step means the
@@ -282,16 +333,21 @@ class Benchmark:
 
   def run_matmul(self, dtype: str):
     s = self.settings
-    self.results["matmul_peak"][dtype] = timing.measure_matmul_peak(dtype, s.matmul_size, s.repeats,
-                                                                    s.calls_per_repeat, s.warmup)
+    self.results["matmul_peak"][dtype] = timing.measure_matmul_peak(
+      dtype, s.matmul_size, s.repeats, s.calls_per_repeat, s.warmup
+    )
     self.log(f"matmul {dtype} {s.matmul_size}³: {self.results['matmul_peak'][dtype]['tflops']:.3f} TFLOP/s")
 
   def run_stages(self, state: train.TrainState, dtype: str, rng: np.random.Generator):
     s = self.settings
     batch = self._batch(rng, s.stage_batch_size)
     timer = stages.StageTimer(inputs.model_with_dtype(self.config, dtype), s, self.log)
-    self.results["stages"] = {"dtype": dtype, "per_device_batch": s.stage_batch_size,
-                              "global_batch": s.stage_batch_size * self.devices, **timer.run(state, batch)}
+    self.results["stages"] = {
+      "dtype": dtype,
+      "per_device_batch": s.stage_batch_size,
+      "global_batch": s.stage_batch_size * self.devices,
+      **timer.run(state, batch),
+    }
 
   def fill_utilisation(self):
     """Utilisation = achieved FLOP/s ÷ the measured matmul peak of the same dtype."""

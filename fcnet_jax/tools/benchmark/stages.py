@@ -5,6 +5,7 @@ called through `model.apply(..., method=...)`, so the split cannot drift from th
 previous stages' outputs. In training mode a stage runs forward (batch statistics, dropout) and backward for its
 own parameters and incoming activations; the Adam update of all parameters is timed on its own.
 """
+
 import collections
 import functools
 from typing import Any, Callable, Dict, Mapping, Tuple
@@ -20,16 +21,19 @@ from fcnet_jax.tools.benchmark import settings as settings_lib
 from fcnet_jax.tools.benchmark import timing
 
 # Stage name → the FCNet method it runs, in the order `FCNet.__call__` runs them.
-STAGES = collections.OrderedDict([
+STAGES = collections.OrderedDict(
+  [
     ("encode_image", fcnet.FCNet.encode_image),
     ("encode_text", fcnet.FCNet.encode_text),
     ("fuse", fcnet.FCNet.fuse),
     ("decode", fcnet.FCNet.decode),
-])
+  ]
+)
 
 
-def stage_inputs(name: str, images: jax.Array, tokens: jax.Array,
-                 outputs: Mapping[str, Tuple[Any, ...]]) -> Tuple[Any, ...]:
+def stage_inputs(
+  name: str, images: jax.Array, tokens: jax.Array, outputs: Mapping[str, Tuple[Any, ...]]
+) -> Tuple[Any, ...]:
   """Positional arguments of stage `name` given the earlier stages' outputs (as `FCNet.__call__` passes them)."""
   if name == "encode_image":
     return (images,)
@@ -78,17 +82,23 @@ def stage_train_fn(model: fcnet.FCNet, name: str) -> Callable[..., Any]:
     others = {k: v for k, v in params.items() if k not in owned}
     leaves, treedef = jax.tree.flatten(inputs)
     # Activations between stages get gradients; the input images do not (as in the train step).
-    float_positions = [i for i, x in enumerate(leaves) if name != "encode_image"
-                       and jnp.issubdtype(x.dtype, jnp.floating)]
+    float_positions = [
+      i for i, x in enumerate(leaves) if name != "encode_image" and jnp.issubdtype(x.dtype, jnp.floating)
+    ]
 
     def f(own_params, float_leaves):
       merged = list(leaves)
       for position, value in zip(float_positions, float_leaves):
         merged[position] = value
-      out, _ = _apply_stage(model, name, True, {"params": {**others, **own_params},
-                                                "batch_stats": variables["batch_stats"]},
-                            *jax.tree.unflatten(treedef, merged), mutable=["batch_stats"],
-                            rngs={"dropout": dropout_rng})
+      out, _ = _apply_stage(
+        model,
+        name,
+        True,
+        {"params": {**others, **own_params}, "batch_stats": variables["batch_stats"]},
+        *jax.tree.unflatten(treedef, merged),
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_rng},
+      )
       return [x for x in jax.tree.leaves(out) if jnp.issubdtype(x.dtype, jnp.floating)]
 
     out, vjp = jax.vjp(f, own, [leaves[i] for i in float_positions])
@@ -99,15 +109,19 @@ def stage_train_fn(model: fcnet.FCNet, name: str) -> Callable[..., Any]:
   return forward_backward
 
 
-def time_compiled(lowered: Any, compiled: Any, args: Tuple[Any, ...], repeats: int,
-                  calls_per_repeat: int) -> Dict[str, Any]:
+def time_compiled(
+  lowered: Any, compiled: Any, args: Tuple[Any, ...], repeats: int, calls_per_repeat: int
+) -> Dict[str, Any]:
   """Median ms per call of `compiled(*args)` (after one untimed call), its GFLOPs (XLA's count of `lowered`) and
   the achieved TFLOP/s."""
   jax.block_until_ready(compiled(*args))
   times = timing.timing_stats(timing.time_calls(lambda: compiled(*args), repeats, calls_per_repeat))
   flops = summary.xla_flops(lowered)
-  return {"ms": times["median_s"] * 1e3, "gflops": flops / 1e9 if flops else None,
-          "achieved_tflops": flops / times["median_s"] / 1e12 if flops else None}
+  return {
+    "ms": times["median_s"] * 1e3,
+    "gflops": flops / 1e9 if flops else None,
+    "achieved_tflops": flops / times["median_s"] / 1e12 if flops else None,
+  }
 
 
 class StageTimer:
@@ -152,15 +166,18 @@ class StageTimer:
       entry = {"stages": rows, "sum_ms": total}
       if mode == "infer":
         entry["forward_gflops_sum"] = sum(r["gflops"] or 0 for r in rows.values())
-        entry["full_forward_ms"], entry["max_abs_diff_vs_full"] = self._full_forward(state, batch,
-                                                                                     outputs["decode"])
+        entry["full_forward_ms"], entry["max_abs_diff_vs_full"] = self._full_forward(state, batch, outputs["decode"])
       report[mode] = entry
-      self.log(f"stages {mode} {model.dtype} b{s.stage_batch_size}: " + ", ".join(
-          f"{n} {r['ms']:.2f} ms" for n, r in rows.items()) + f" (sum {total:.2f} ms)")
+      self.log(
+        f"stages {mode} {model.dtype} b{s.stage_batch_size}: "
+        + ", ".join(f"{n} {r['ms']:.2f} ms" for n, r in rows.items())
+        + f" (sum {total:.2f} ms)"
+      )
     return report
 
-  def _full_forward(self, state: train.TrainState, batch: Mapping[str, jax.Array],
-                    stage_logits: jax.Array) -> Tuple[float, float]:
+  def _full_forward(
+    self, state: train.TrainState, batch: Mapping[str, jax.Array], stage_logits: jax.Array
+  ) -> Tuple[float, float]:
     """Time of the whole `predict_step` at the stage batch, and its difference from the chained stages."""
     s = self.settings
     state = state.for_inference()
@@ -177,5 +194,9 @@ class StageTimer:
     lowered = update.lower(state, grads)
     row = self._time(lowered, lowered.compile(), (state, grads))
     params = summary.count_parameters(state.params)
-    return {**row, "gflops": None, "achieved_tflops": None,
-            "gib_moved_estimate": params * 4 * 7 / timing.GIB}  # Read p, g, m, v; write p, m, v (float32).
+    return {
+      **row,
+      "gflops": None,
+      "achieved_tflops": None,
+      "gib_moved_estimate": params * 4 * 7 / timing.GIB,
+    }  # Read p, g, m, v; write p, m, v (float32).

@@ -3,6 +3,7 @@
 Compile and warm-up calls are excluded by the callers; each repeat issues calls back to back and waits for the
 results with `block_until_ready`; numbers are medians over repeats.
 """
+
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from fcnet_jax.models import fcnet
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 
 
 def time_calls(call: Callable[[], Any], repeats: int, calls_per_repeat: int) -> List[float]:
@@ -39,8 +40,12 @@ def time_latency(call: Callable[[], Any], repeats: int) -> List[float]:
 def timing_stats(seconds: Sequence[float]) -> Dict[str, float]:
   """Median, 90th percentile, minimum and count of a list of durations."""
   values = np.asarray(seconds, np.float64)
-  return {"median_s": float(np.median(values)), "p90_s": float(np.percentile(values, 90)),
-          "min_s": float(values.min()), "n": int(values.size)}
+  return {
+    "median_s": float(np.median(values)),
+    "p90_s": float(np.percentile(values, 90)),
+    "min_s": float(values.min()),
+    "n": int(values.size),
+  }
 
 
 def memory_in_use() -> Dict[str, Optional[int]]:
@@ -50,8 +55,11 @@ def memory_in_use() -> Dict[str, Optional[int]]:
   except Exception:  # pylint: disable=broad-except
     stats = None
   stats = stats or {}
-  return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-          "bytes_limit": stats.get("bytes_limit")}
+  return {
+    "bytes_in_use": stats.get("bytes_in_use"),
+    "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+    "bytes_limit": stats.get("bytes_limit"),
+  }
 
 
 def compiled_memory(compiled: Any) -> Optional[Dict[str, float]]:
@@ -62,16 +70,21 @@ def compiled_memory(compiled: Any) -> Optional[Dict[str, float]]:
     return None
   if analysis is None:
     return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-            "generated_code_size_in_bytes")
+  fields = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "alias_size_in_bytes",
+    "temp_size_in_bytes",
+    "generated_code_size_in_bytes",
+  )
   out = {f: int(getattr(analysis, f, 0) or 0) for f in fields}
-  out["total_gib"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
-                      + out["temp_size_in_bytes"]) / GIB
+  out["total_gib"] = (
+    out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"] + out["temp_size_in_bytes"]
+  ) / GIB
   return out
 
 
-def measure_matmul_peak(dtype: str, size: int, repeats: int, calls_per_repeat: int,
-                        warmup: int) -> Dict[str, Any]:
+def measure_matmul_peak(dtype: str, size: int, repeats: int, calls_per_repeat: int, warmup: int) -> Dict[str, Any]:
   """FLOP/s of one size×size×size `jnp.dot` in `dtype` (random data, default precision, as the model uses)."""
   key_a, key_b = jax.random.split(jax.random.key(1))
   a = jax.random.normal(key_a, (size, size), fcnet.DTYPES[dtype])
@@ -80,6 +93,10 @@ def measure_matmul_peak(dtype: str, size: int, repeats: int, calls_per_repeat: i
   for _ in range(max(warmup, 1)):
     jax.block_until_ready(dot(a, b))
   stats = timing_stats(time_calls(lambda: dot(a, b), repeats, calls_per_repeat))
-  flops = 2.0 * size ** 3
-  return {"size": size, **stats, "tflops": flops / stats["median_s"] / 1e12,
-          "default_matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None))}
+  flops = 2.0 * size**3
+  return {
+    "size": size,
+    **stats,
+    "tflops": flops / stats["median_s"] / 1e12,
+    "default_matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None)),
+  }
