@@ -226,7 +226,12 @@ def test_oracle_under_both_letterboxes(mode):
     yy, xx = np.mgrid[:height, :width]
     cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
     mask = ((yy - cy) / (0.4 * height)) ** 2 + ((xx - cx) / (0.4 * width)) ** 2 < 1
-    out = preprocess.letterbox(tf.zeros((height, width, 3), tf.uint8), tf.constant(mask.astype(np.uint8)), size, mode)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = preprocess.letterbox(tf.constant(image), tf.constant(mask.astype(np.uint8)), size, mode)
+    if mode == "cris":  # The pipeline's CRIS letterbox is `letterbox.cris_letterbox` (checked against OpenCV above).
+      expected_image, expected_mask = letterbox.cris_letterbox(image, mask, size, preprocess.MEAN_RGB_UINT8)
+      np.testing.assert_array_equal(out["image"].numpy(), expected_image)
+      np.testing.assert_array_equal(out["mask"].numpy(), expected_mask)
     levels = letterbox.MASK_LEVELS[mode]
     targets.append(out["mask"].numpy()[::4, ::4].astype(np.float32) / levels)  # downsample_mask: pixel 4i.
     masks.append(mask)

@@ -370,8 +370,6 @@ def test_eval_with_cris_letterbox_reports_both_protocols(run, dataset, tmp_path)
   for split in SPLITS:
     for prefix in ("", "cris/"):
       assert 0.0 <= scores[split][f"{prefix}mIoU"] <= 1.0
-    # The integer-letterbox run of the same checkpoint scored other images: the results differ.
-    assert scores[split]["mIoU"] != run["eval_latest"][split]["mIoU"]
   header = next(line for line in log.read_text().splitlines() if line.startswith("split"))
   assert "cris/mIoU" in header and "cris/prec@0.5" in header
 
