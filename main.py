@@ -16,10 +16,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from fcnet_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import run_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fcnet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -35,13 +37,18 @@ def define_flags() -> None:
   )
   flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and evaluation results go here.")
   flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes from the latest checkpoint) or eval.")
-  flags.DEFINE_string("checkpoint", "latest", "--mode=eval: 'latest', 'best' or a step number.")
+  flags.DEFINE_string(
+    "checkpoint",
+    "latest",
+    "--mode=eval: 'latest', 'best' or a step number of --workdir, or the directory of another trained model (an "
+    "exported model or a training workdir, whose best checkpoint is used).",
+  )
   flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv) -> None:
   del argv  # cli.run rejects extra arguments.
-  config = FLAGS.config
+  config = resolve_config(FLAGS.workdir)
   if config.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d / %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
@@ -52,6 +59,24 @@ def main(argv) -> None:
     eval_metrics = evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
   if jax.process_index() == 0 and eval_metrics:
     print(f"\n{evaluate.format_table(eval_metrics)}")
+
+
+def resolve_config(workdir: str) -> ml_collections.ConfigDict:
+  """--config, or in --mode=eval without --config the config saved with the evaluated model (+ overrides)."""
+  if FLAGS.mode != "eval" or FLAGS["config"].present:
+    return FLAGS.config
+  source = FLAGS.checkpoint if evaluate.is_model_path(FLAGS.checkpoint) else workdir
+  if not run_config.exists(source):
+    return FLAGS.config  # An old run: the default config, with a clear error if it does not fit the checkpoint.
+  config = run_config.load(source)
+  for field, value in config_flags.get_override_values(FLAGS["config"]).items():
+    parent = config
+    *parents, name = field.split(".")
+    for key in parents:
+      parent = parent[key]
+    parent[name] = value
+  logging.info("Using the config saved in %s (with the --config.* overrides).", source)
+  return config
 
 
 def run() -> None:

@@ -115,7 +115,7 @@ class Checkpoints:
         without the optimiser's); the others are not read.
     """
     manager, step = self.resolve(checkpoint)
-    abstract = jax.tree.map(_abstract, target)
+    abstract = jax.tree.map(abstract_leaf, target)
     if partial:
       args = self._ocp.args.PyTreeRestore(
         item=abstract, partial_restore=True, restore_args=self._ocp.checkpoint_utils.construct_restore_args(abstract)
@@ -138,7 +138,8 @@ class Checkpoints:
     self.best.close()
 
 
-def _abstract(leaf: Any) -> Any:
+def abstract_leaf(leaf: Any) -> Any:
+  """A `jax.ShapeDtypeStruct` (with its sharding) for an array; other leaves as they are."""
   if isinstance(leaf, jax.Array):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
   return leaf

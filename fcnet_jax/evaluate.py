@@ -28,6 +28,7 @@ from fcnet_jax import data as data_lib
 from fcnet_jax import fileio
 from fcnet_jax import letterbox
 from fcnet_jax import metrics as metrics_lib
+from fcnet_jax import pretrained
 from fcnet_jax import sharding
 from fcnet_jax.models import fcnet
 
@@ -268,17 +269,26 @@ def evaluate(
   checkpoint: checkpoints_lib.CheckpointSpec = "latest",
   data: Optional[data_lib.DataSource] = None,
 ) -> Dict[str, Scores]:
-  """`--mode=eval`: restores a checkpoint of `workdir` and scores config.data.eval_splits (`Evaluator.run`).
+  """`--mode=eval`: restores a checkpoint and scores config.data.eval_splits (`Evaluator.run`).
 
-  Writes `<workdir>/eval_<name>.json` (every metric, the step and the number of (ref, sentence) pairs scored),
-  with the shuffled-sentence control when config.eval_shuffled_control is set, exactly as the final evaluation
-  of a training run does.
+  `checkpoint` is "latest", "best" or a step number of `workdir`, or the path of another trained model (an
+  exported model directory, or a training workdir whose best checkpoint is used). Writes
+  `<workdir>/eval_<name>.json` (every metric, the step and the number of (ref, sentence) pairs scored), with the
+  shuffled-sentence control when config.eval_shuffled_control is set, exactly as the final evaluation of a
+  training run does.
   """
-  model = fcnet.build_model(config.model)
-  mesh = sharding.create_mesh()
-  state = restore_for_inference(model, mesh, workdir, checkpoint)
+  source, spec = workdir, checkpoint
+  if is_model_path(checkpoint):
+    source, spec = str(checkpoint), "best"
+  loaded = pretrained.load(source, spec, config=config)
   data = data or data_lib.DataSource(config, workdir)
-  return Evaluator(config, model, mesh, data).run(state, int(state.step), workdir, final=True)
+  return Evaluator(config, loaded.model, loaded.mesh, data).run(loaded.state, loaded.step, workdir, final=True)
+
+
+def is_model_path(checkpoint: checkpoints_lib.CheckpointSpec) -> bool:
+  """Whether a --checkpoint value names a model directory rather than a step of the workdir."""
+  spec = str(checkpoint)
+  return spec not in ("latest", "best") and not spec.isdigit()
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:

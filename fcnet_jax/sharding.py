@@ -4,7 +4,7 @@ The batch is sharded over the "data" axis; parameters, optimiser state and Batch
 Under jit, BatchNorm's batch statistics are therefore global across devices (XLA inserts the all-reduce).
 """
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -16,9 +16,10 @@ import numpy as np
 DATA_AXIS = "data"
 
 
-def create_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+def create_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -26,6 +26,7 @@ from fcnet_jax import evaluate as evaluate_lib
 from fcnet_jax import image_ops
 from fcnet_jax import letterbox
 from fcnet_jax import metrics as metrics_lib
+from fcnet_jax import run_config
 from fcnet_jax import sharding
 from fcnet_jax.models import fcnet
 from fcnet_jax.models import mask_head
@@ -151,13 +152,29 @@ def create_train_state(
     from fcnet_jax.weights import clip  # pylint: disable=g-import-not-at-top
 
     variables, report = clip.load_pretrained(
-      {"params": state.params, "batch_stats": state.batch_stats}, clip.restore_converted(config.init_from)
+      {"params": state.params, "batch_stats": state.batch_stats}, read_init_from(config.init_from)
     )
     logging.info("Loaded %s:\n%s", config.init_from, report)
     state = state.replace(
       params=variables["params"], batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])
     )
   return state
+
+
+def read_init_from(path: str) -> Dict[str, Any]:
+  """The variables `config.init_from` names, as NumPy arrays.
+
+  Either converted CLIP encoders (`fcnet_jax.tools.convert_clip`: the encoder subtrees), or a whole trained FCNet:
+  an exported model (`fcnet_jax.tools.export --format=orbax`) or a training workdir (its best checkpoint) — a
+  full-model initialisation, e.g. to fine-tune a RefCOCO model on RefCOCO+.
+  """
+  from fcnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from fcnet_jax.weights import clip  # pylint: disable=g-import-not-at-top
+
+  if pretrained.is_exported(path) or pretrained.is_workdir(path):
+    _, variables = pretrained.read_variables(path, "best")
+    return variables
+  return clip.restore_converted(path)
 
 
 def initial_state(
@@ -303,6 +320,10 @@ def train_and_evaluate(
       if isinstance(v, (int, float, str, bool))
     }
   )
+  if run_config.exists(workdir):  # Resuming: the parameter tree and preprocessing must be those of the run.
+    run_config.check_matches(run_config.load(workdir), config, workdir)
+  if jax.process_index() == 0:
+    run_config.save(config, workdir)
   checkpoints = checkpoints_lib.Checkpoints(workdir, config.keep_checkpoints)
   state = initial_state(config, model, tx, mesh)
   if checkpoints.latest_step() is not None:
