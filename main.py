@@ -20,8 +20,11 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from fcnet_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import compile_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fcnet_jax import run_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import showcase  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fcnet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -43,6 +46,12 @@ def define_flags() -> None:
     "--mode=eval: 'latest', 'best' or a step number of --workdir, or the directory of another trained model (an "
     "exported model or a training workdir, whose best checkpoint is used).",
   )
+  flags.DEFINE_bool(
+    "showcase",
+    True,
+    "After --mode=train: write overlays.png and examples/ (held-out examples predicted by the best checkpoint) into "
+    "the workdir and print the commands that use the model (docs/demo.md).",
+  )
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -53,12 +62,17 @@ def main(argv) -> None:
     jax.distributed.initialize()
   logging.info("JAX process %d / %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   if FLAGS.mode == "train":
-    os.makedirs(FLAGS.workdir, exist_ok=True)
+    fileio.as_path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
+    compile_cache.enable(config, FLAGS.workdir)
     _, eval_metrics = train.train_and_evaluate(config, FLAGS.workdir)
   else:
+    compile_cache.enable(config, FLAGS.workdir)
     eval_metrics = evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
   if jax.process_index() == 0 and eval_metrics:
     print(f"\n{evaluate.format_table(eval_metrics)}")
+  # Single-process only: the predictor behind the showcase restores the model onto one local device.
+  if FLAGS.mode == "train" and FLAGS.showcase and jax.process_count() == 1:
+    print(f"\n{showcase.after_training(FLAGS.workdir)}", flush=True)
 
 
 def resolve_config(workdir: str) -> ml_collections.ConfigDict:
