@@ -10,7 +10,9 @@
 #             compiles of R101: 292 s in all on an H200 (2026-11-26); STEP_LIMIT_S (540 s) keeps it inside one call.
 #   fp32      R101 in fp32: training 8 and 32, inference 1 and 32, the fp32 matmul peak.
 #   diagnose  R101 bf16 at batch 32: per-stage forward and forward+backward times, a 3-step profile summary.
-#   all       tiny with its full matrix, then R101 with everything above in one process (~15 min or more).
+#   swinb     Swin-B (configs/refcoco_swinb.py) in bf16: training at batch 8 and 32, inference at batch 1 and 32
+#             (peak memory with each); SWINB_CONFIG overrides the config.
+#   all       tiny with its full matrix, then R101 with everything above in one process, then Swin-B (~20 min or more).
 #   smoke     tiny only, its full matrix (bf16 and fp32, batches 8/32 and 1/32).
 #
 # The machine has JAX, Flax, Optax and Orbax but neither TensorFlow (not needed) nor clu / ml_collections: carry
@@ -21,8 +23,9 @@
 # and run, through the device tool: command "bash benchmarks/gpu_bench.sh targets", carry [".whl"].
 #
 # Environment: OUT (results folder; default /tmp/fcnet_bench), PYTHON (default python3), STEP_LIMIT_S (time
-# limit of each R101 step; default 540), BENCH_CONFIG (the config of the "R101" steps; default
-# configs/refcoco_r101.py — configs/tiny.py dry-runs every mode on a CPU).
+# limit of each R101 / Swin-B step; default 540), BENCH_CONFIG (the config of the "R101" steps; default
+# configs/refcoco_r101.py — configs/tiny.py dry-runs every mode on a CPU), SWINB_CONFIG (of the Swin-B steps; default
+# configs/refcoco_swinb.py — configs/tiny_swin.py dry-runs them).
 set -uo pipefail
 
 mode="${1:-targets}"
@@ -33,8 +36,8 @@ out="$(mkdir -p "$out" && cd "$out" && pwd)" || exit 1
 cd "$(dirname "$0")/.." || exit 1
 
 case "$mode" in
-  targets|fp32|diagnose|all|smoke) ;;
-  *) echo "gpu_bench.sh: unknown MODE '$mode' (targets, fp32, diagnose, all, smoke)" >&2; exit 2 ;;
+  targets|fp32|diagnose|swinb|all|smoke) ;;
+  *) echo "gpu_bench.sh: unknown MODE '$mode' (targets, fp32, diagnose, swinb, all, smoke)" >&2; exit 2 ;;
 esac
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -75,6 +78,7 @@ bench() {  # bench STEP LIMIT_S ARGS... : one benchmark process, its log and JSO
 }
 
 r101=(--config="${BENCH_CONFIG:-configs/refcoco_r101.py}")
+swinb=(--config="${SWINB_CONFIG:-configs/refcoco_swinb.py}")
 case "$mode" in
   targets)
     bench r101_bf16 "$step_limit" "${r101[@]}" --dtypes=bfloat16 --sections=train,infer,matmul --hlo_report \
@@ -88,10 +92,14 @@ case "$mode" in
       --infer_batch_sizes=32 --sections=train,stages,matmul --stage_modes=infer,train --hlo_report \
       --profile_dir=/tmp/fcnet_profile --profile_steps=3
     ;;
+  swinb)
+    bench swinb_bf16 "$step_limit" "${swinb[@]}" --dtypes=bfloat16 --sections=train,infer
+    ;;
   all)
     bench tiny 300 --config=configs/tiny.py
     bench r101_all 3600 "${r101[@]}" --sections=train,infer,matmul,stages --stage_modes=infer,train \
       --hlo_report --profile_dir=/tmp/fcnet_profile
+    bench swinb_all 3600 "${swinb[@]}" --sections=train,infer,stages --stage_modes=infer,train
     ;;
   smoke)
     bench tiny 300 --config=configs/tiny.py

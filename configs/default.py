@@ -12,11 +12,21 @@ def get_model_config() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.image_size = 480  # S: square letterbox canvas; must be divisible by 32.
   m.context_length = 17  # L: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.
-  # CLIP image encoder (ModifiedResNet).
+  m.backbone = "clip_resnet"  # Image encoder: "clip_resnet" (CLIP ModifiedResNet, fields vision_*) | "swin" (swin_*).
+  m.text_backbone = "clip"  # Text encoder: "clip" (CLIP's text transformer, fields text_*), the only one.
+  # CLIP image encoder (ModifiedResNet); used when backbone == "clip_resnet".
   m.vision_layers = (3, 4, 23, 3)  # RN101; RN50 is (3, 4, 6, 3).
   m.vision_width = 64
   m.vision_heads = 32  # Attention-pool heads: vision_width * 32 // 64 in CLIP.
-  m.embed_dim = 512  # CLIP joint embedding: 512 for RN101, 1024 for RN50.
+  m.embed_dim = 512  # CLIP joint embedding (text_projection width; RN pool output): 512 RN101/ViT-B, 1024 RN50.
+  # Swin Transformer image encoder; used when backbone == "swin". Defaults: Swin-B, window 12 (the 384 release).
+  m.swin_embed_dim = 128  # D, stage-1 width (T/S 96, B 128, L 192); F_v2/F_v3/F_v4 have 2D/4D/8D channels.
+  m.swin_depths = (2, 2, 18, 2)  # Blocks per stage (T: 2-2-6-2; S/B/L: 2-2-18-2).
+  m.swin_heads = (4, 8, 16, 32)  # Heads per stage (T/S 3-6-12-24, B 4-8-16-32, L 6-12-24-48).
+  m.swin_window = 12  # Window side; pretrained relative-position tables are resized bicubically to it on load.
+  m.swin_patch_size = 4
+  m.swin_mlp_ratio = 4.0
+  m.swin_drop_path_rate = 0.3  # Stochastic depth of the last block, linear from 0 (LAVT's Swin-B: 0.3).
   # CLIP text encoder.
   m.vocab_size = 49408
   m.text_width = 512
@@ -90,4 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  # Persistent XLA compilation cache (fcnet_jax/compile_cache.py): "" = <workdir>/xla_cache (or the directory in
+  # $JAX_COMPILATION_CACHE_DIR), "none" = off, or a directory (gs:// too). A restart skips its compilations.
+  config.compile_cache_dir = ""
   return config

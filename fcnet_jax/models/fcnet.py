@@ -25,13 +25,18 @@ from fcnet_jax.models import emphasis
 from fcnet_jax.models import image_encoder
 from fcnet_jax.models import mask_head
 from fcnet_jax.models import neck
+from fcnet_jax.models import swin
 from fcnet_jax.models import text_encoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+BACKBONES = ("clip_resnet", "swin")  # config.model.backbone: the image encoder.
+TEXT_BACKBONES = ("clip",)  # config.model.text_backbone: the text encoder.
+
+
 class FCNet(nn.Module):
-  """FCNet with a CLIP ModifiedResNet image encoder.
+  """FCNet with a CLIP ModifiedResNet or Swin Transformer image encoder and CLIP's text transformer.
 
   The fields have no defaults here: `configs/default.py` (`get_model_config`) is their one definition, with the
   meaning of each; build the model from a config with `build_model(config.model)`.
@@ -39,10 +44,19 @@ class FCNet(nn.Module):
 
   image_size: int
   context_length: int
+  backbone: str
+  text_backbone: str
   vision_layers: Sequence[int]
   vision_width: int
   vision_heads: int
   embed_dim: int
+  swin_embed_dim: int
+  swin_depths: Sequence[int]
+  swin_heads: Sequence[int]
+  swin_window: int
+  swin_patch_size: int
+  swin_mlp_ratio: float
+  swin_drop_path_rate: float
   vocab_size: int
   text_width: int
   text_layers: int
@@ -66,15 +80,27 @@ class FCNet(nn.Module):
 
   def setup(self):
     dtype = DTYPES[self.dtype]
-    self.image_encoder = image_encoder.ModifiedResNet(
-      tuple(self.vision_layers),
-      self.vision_width,
-      self.vision_heads,
-      self.embed_dim,
-      self.image_size,
-      frozen_bn=self.freeze_backbone_bn,
-      dtype=dtype,
-    )
+    if self.backbone == "swin":
+      self.image_encoder = swin.SwinTransformer(
+        self.swin_embed_dim,
+        tuple(self.swin_depths),
+        tuple(self.swin_heads),
+        self.swin_window,
+        patch_size=self.swin_patch_size,
+        mlp_ratio=self.swin_mlp_ratio,
+        drop_path_rate=self.swin_drop_path_rate,
+        dtype=dtype,
+      )
+    else:
+      self.image_encoder = image_encoder.ModifiedResNet(
+        tuple(self.vision_layers),
+        self.vision_width,
+        self.vision_heads,
+        self.embed_dim,
+        self.image_size,
+        frozen_bn=self.freeze_backbone_bn,
+        dtype=dtype,
+      )
     self.text_encoder = text_encoder.TextTransformer(
       self.context_length,
       self.vocab_size,
@@ -116,14 +142,18 @@ class FCNet(nn.Module):
         raise ValueError(
           f"image size {images.shape[1]}×{images.shape[2]} differs from config.model.image_size="
           f"{self.image_size}: FCNet's emphasis-generation query projection (H/16·W/16 → C) and the attention "
-          f"pool's positional grid are bound to the configured resolution; letterbox inputs to "
+          f"pool's positional grid (CLIP ResNets) are bound to the configured resolution; letterbox inputs to "
           f"{self.image_size}×{self.image_size} or change the config"
         )
     if tokens is not None and (tokens.ndim != 2 or tokens.shape[1] != self.context_length):
       raise ValueError(f"tokens must be B×{self.context_length} (config.model.context_length), got {tokens.shape}")
 
   def encode_image(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """B×S×S×3 → (F_v2 B×S/8×S/8×·, F_v3 B×S/16×S/16×·, F_v4 B×S/32×S/32×embed_dim)."""
+    """B×S×S×3 → (F_v2 B×S/8×S/8×·, F_v3 B×S/16×S/16×·, F_v4 B×S/32×S/32×·).
+
+    CLIP ResNet: stages 2 and 3 (512·w/64, 1024·w/64 channels) and the attention pool over stage 4 (embed_dim).
+    Swin: stages 2, 3, 4 (2D, 4D, 8D channels), each through a LayerNorm; stage 4 is not pooled.
+    """
     self.check_inputs(images=images)
     return self.image_encoder(images, train)
 
@@ -184,6 +214,10 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
 
   if cfg["image_size"] % 32:
     fail("image_size", "must be divisible by 32 (the image encoder downsamples by 32)")
+  if cfg["backbone"] not in BACKBONES:
+    fail("backbone", f"expected one of {list(BACKBONES)}")
+  if cfg["text_backbone"] not in TEXT_BACKBONES:
+    fail("text_backbone", f"expected one of {list(TEXT_BACKBONES)}")
   if cfg["dtype"] not in DTYPES:
     fail("dtype", f"expected one of {sorted(DTYPES)}")
   if cfg["calibration_gate"] not in emphasis.CALIBRATION_GATES:
@@ -194,14 +228,37 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
     fail("egm_heads", "must be 0 (attention_heads) or a divisor of hidden_dim")
   if not 2 <= cfg["context_length"] <= 77:
     fail("context_length", "must be in [2, 77] (CLIP has 77 positions)")
-  if len(cfg["vision_layers"]) != 4:
+  if cfg["backbone"] == "swin":
+    _check_swin_config(cfg, fail)
+  elif len(cfg["vision_layers"]) != 4:
     fail("vision_layers", "needs four stage sizes")
   if cfg["hidden_dim"] % 4 or cfg["hidden_dim"] % cfg["attention_heads"]:
     fail("hidden_dim", "must be divisible by 4 (2-D sine encoding) and by attention_heads")
-  if (cfg["vision_width"] * 32) % cfg["vision_heads"]:
+  if cfg["backbone"] == "clip_resnet" and (cfg["vision_width"] * 32) % cfg["vision_heads"]:
     fail("vision_heads", "must divide the attention-pool width vision_width·32")
   if cfg["text_width"] % cfg["text_heads"]:
     fail("text_heads", "must divide text_width")
+
+
+def _check_swin_config(cfg: Mapping[str, Any], fail) -> None:
+  """The swin_* fields: four stages, heads dividing every stage width, a patch size that keeps S/32 maps."""
+  if len(cfg["swin_depths"]) != 4 or min(cfg["swin_depths"]) < 1:
+    fail("swin_depths", "needs four stage sizes ≥ 1 (F_v2..F_v4 are stages 2–4)")
+  if len(cfg["swin_heads"]) != 4:
+    fail("swin_heads", "needs four head counts, one per stage")
+  for i, heads in enumerate(cfg["swin_heads"]):
+    if heads < 1 or (cfg["swin_embed_dim"] * 2**i) % heads:
+      fail(
+        "swin_heads",
+        f"stage {i + 1} has width swin_embed_dim·2^{i} = {cfg['swin_embed_dim'] * 2**i}, not "
+        f"divisible by {heads} heads",
+      )
+  if cfg["swin_window"] < 1:
+    fail("swin_window", "must be ≥ 1")
+  if cfg["swin_patch_size"] != 4:
+    fail("swin_patch_size", "must be 4: stages 2–4 must be at S/8, S/16, S/32 (the neck's scales)")
+  if not 0.0 <= cfg["swin_drop_path_rate"] < 1.0:
+    fail("swin_drop_path_rate", "must be in [0, 1)")
 
 
 def build_model(model_config: Mapping[str, Any]) -> FCNet:
@@ -214,5 +271,6 @@ def build_model(model_config: Mapping[str, Any]) -> FCNet:
   if missing:
     raise ValueError(f"config.model lacks {sorted(missing)}: start from configs/default.py get_model_config()")
   check_model_config(cfg)
-  cfg["vision_layers"], cfg["neck_dims"] = tuple(cfg["vision_layers"]), tuple(cfg["neck_dims"])
+  for field in ("vision_layers", "neck_dims", "swin_depths", "swin_heads"):
+    cfg[field] = tuple(cfg[field])
   return FCNet(**cfg)

@@ -4,6 +4,8 @@ A converted checkpoint stores the positional embeddings as CLIP has them (77 tex
 pool's g×g grid without its class position), so one conversion serves every image size and context length.
 `load_pretrained` fits them to the model: the text embedding keeps its first L positions, the grid is resized
 bicubically to (S/32)² with `image_encoder.resize_pos_embed` (PyTorch's bicubic, as CRIS resizes it on the fly).
+Swin's relative-position bias tables ((2w−1)²×heads, `fcnet_jax/tools/convert_swin`) are stored as released and
+resized the same way to the model's window (as Swin's own loader does), so one conversion serves every window size.
 """
 
 import functools
@@ -24,6 +26,12 @@ VariablePath = Tuple[str, ...]
 
 TEXT_POSITIONS = ("params", "text_encoder", "positional_embedding")
 GRID_POSITIONS = ("params", "image_encoder", "attnpool", "positional_embedding")
+RELATIVE_POSITION_TABLE = "relative_position_bias_table"  # The leaf name of Swin's tables (`models/swin.py`).
+
+
+def is_fitted(path: VariablePath) -> bool:
+  """True for the variables `fit_positional_embedding` fits to the model (positional embeddings, Swin's tables)."""
+  return path in (TEXT_POSITIONS, GRID_POSITIONS) or path[-1] == RELATIVE_POSITION_TABLE
 
 
 def model_config(config: Any) -> Dict[str, Any]:
@@ -67,7 +75,8 @@ def fit_positional_embedding(
 
   Text (L×W): CLIP's first L positions (CLIP's causal transformer never saw later positions before earlier
   ones, so the prefix is exactly what a length-L CLIP computes). Attention pool (h·w×C): PyTorch-bicubic
-  resize of the square grid (`image_encoder.resize_pos_embed`), as CRIS does at run time.
+  resize of the square grid (`image_encoder.resize_pos_embed`), as CRIS does at run time. Swin relative-position
+  table ((2w−1)²×heads): the same resize of its (2w−1)×(2w−1) grid of offsets to the model's window.
   """
   target_shape = tuple(target_shape)
   if pretrained.shape == target_shape:
@@ -82,14 +91,15 @@ def fit_positional_embedding(
         f"needs {target_shape[0]} (config.model.context_length)"
       )
     return pretrained[: target_shape[0]], f"first {target_shape[0]} of {pretrained.shape[0]} positions"
-  if path == GRID_POSITIONS:
+  if path == GRID_POSITIONS or path[-1] == RELATIVE_POSITION_TABLE:
     side = int(round(np.sqrt(target_shape[0])))
     if side * side != target_shape[0]:
       raise ValueError(f"{reports.path_str(path)}: the model's {target_shape[0]} positions are not a square grid")
     g = int(round(np.sqrt(pretrained.shape[0])))
+    what = "grid" if path == GRID_POSITIONS else f"relative-position table (window {(g + 1) // 2} → {(side + 1) // 2})"
     return (
       image_encoder.resize_pos_embed(pretrained, (side, side)),
-      f"{g}×{g} grid resized to {side}×{side}, PyTorch bicubic",
+      f"{g}×{g} {what} resized to {side}×{side}, PyTorch bicubic",
     )
   raise ValueError(mismatch)
 
@@ -121,7 +131,7 @@ def load_pretrained(
   for path, array in incoming.items():
     array = formats.to_numpy(array)
     target = fresh[path]
-    if path in (TEXT_POSITIONS, GRID_POSITIONS):
+    if is_fitted(path):
       array, how = fit_positional_embedding(path, array, target.shape)
       if how:
         resized.append((reports.path_str(path), tuple(incoming[path].shape), tuple(target.shape), how))
