@@ -1,5 +1,10 @@
 """How batches reach the model: the data source of the loop and the device-side inputs of one batch.
 
+`letterbox_on_device` finishes, inside the jitted step, the batches of the input pipeline's fast training path
+(`config.data.device_letterbox`): the host ships decoded images and mask crops on flat canvases
+(`input_pipeline.host_decode`), and the letterbox resize runs here, reproducing the host's integer letterbox
+(`input_pipeline.preprocess`) bit for bit.
+
 `DataSource` hands the loop host-local NumPy batches (this process's rows of every global batch) and the split
 sizes. By default it reads the converted TFRecord shards of `config.data.tfrecord_dir` through
 `input_pipeline.pipeline`, imported lazily so that this module (and `fcnet_jax.train`) imports without TensorFlow;
@@ -7,6 +12,7 @@ with `config.data.synthetic` and no `tfrecord_dir` it first generates the synthe
 converts it with the real converter, into the workdir (once). Tests pass their own training stream.
 """
 
+import functools
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Tuple
 
@@ -18,6 +24,9 @@ from fcnet_jax import image_ops
 from fcnet_jax import tokenizer
 
 Batch = Mapping[str, Any]
+# The letterbox padding: CLIP's mean colour × 255, rounded, (123, 117, 104). The host path pads with it too.
+MEAN_RGB_UINT8 = tuple(int(round(255 * m)) for m in image_ops.CLIP_MEAN)
+RAW_KEYS = ("image_raw", "mask_raw", "mask_box")  # What `letterbox_on_device` consumes.
 SYNTHETIC_RAW_DIR = "synthetic_raw"
 SYNTHETIC_SHARDS_DIR = "synthetic_tfrecords"
 
@@ -25,6 +34,88 @@ SYNTHETIC_SHARDS_DIR = "synthetic_tfrecords"
 def model_inputs(batch: Batch, dtype: Any) -> Tuple[jax.Array, jax.Array]:
   """uint8 letterboxed images → normalized `dtype` images on the device (the host ships uint8), and tokens."""
   return image_ops.normalize_images(batch["image"], dtype), batch["tokens"]
+
+
+def _resize_taps(out_size: int, size: jax.Array, resized: jax.Array, start: jax.Array):
+  """tf.image.resize's bilinear taps (half-pixel centres, no antialias) along one axis of the letterbox.
+
+  Canvas index i shows resized pixel i − start, which samples source coordinate (i − start + 0.5)·size/resized
+  − 0.5 in float32, as TensorFlow's kernel computes it. Returns (lower, upper, lerp, inside) per canvas index.
+  """
+  index = jnp.arange(out_size, dtype=jnp.int32) - start
+  scale = size.astype(jnp.float32) / resized.astype(jnp.float32)
+  # The barrier keeps XLA from fusing the product and the sum into one FMA, which would round differently.
+  source = jax.lax.optimization_barrier((index.astype(jnp.float32) + 0.5) * scale) - 0.5
+  floor = jnp.floor(source)
+  lower = jnp.maximum(floor, 0.0).astype(jnp.int32)
+  upper = jnp.minimum(jnp.ceil(source).astype(jnp.int32), size - 1)
+  return lower, upper, source - floor, (index >= 0) & (index < resized)
+
+
+def _bilinear(at: Callable[[jax.Array, jax.Array], jax.Array], rows, cols) -> jax.Array:
+  """TensorFlow's bilinear formula, in its order and without FMA, over the S×S canvas (× channels).
+
+  `at(ys, xs)` gathers the source pixels (ys[i], xs[j]) as float32. Per canvas pixel: top = top_left + (top_right −
+  top_left)·x_lerp, bottom likewise, value = top + (bottom − top)·y_lerp. (Slicing whole rows first and gathering
+  only columns measured ~2× slower on the CPU.)
+  """
+  (lower_y, upper_y, lerp_y, _), (lower_x, upper_x, lerp_x, _) = rows, cols
+  top_left, top_right = at(lower_y, lower_x), at(lower_y, upper_x)
+  bottom_left, bottom_right = at(upper_y, lower_x), at(upper_y, upper_x)
+  extra = (1,) * (top_left.ndim - 2)
+  lerp_x, lerp_y = lerp_x.reshape((1, -1) + extra), lerp_y.reshape((-1, 1) + extra)
+  # The barriers keep XLA from fusing a product and the following sum into one FMA, which would round differently.
+  top_step, bottom_step = jax.lax.optimization_barrier(
+    ((top_right - top_left) * lerp_x, (bottom_right - bottom_left) * lerp_x)
+  )
+  top, bottom = top_left + top_step, bottom_left + bottom_step
+  return top + jax.lax.optimization_barrier((bottom - top) * lerp_y)
+
+
+def _letterbox_one(image_raw, mask_raw, mask_box, orig_hw, resized_hw, offset, image_size: int):
+  """One example of `letterbox_on_device`: (S×S×3 uint8 image, S×S uint8 0/1 mask)."""
+  height, width = orig_hw[0], orig_hw[1]
+  rows = _resize_taps(image_size, height, resized_hw[0], offset[0])
+  cols = _resize_taps(image_size, width, resized_hw[1], offset[1])
+  inside = rows[3][:, None] & cols[3][None, :]
+
+  def image_at(ys, xs):  # Pixel (y, x) of the row-major h×w×3 image at the start of image_raw.
+    flat = (ys[:, None] * width + xs[None, :]) * 3
+    return image_raw[flat[..., None] + jnp.arange(3)].astype(jnp.float32)
+
+  top, left, box_h, box_w = (mask_box[i] for i in range(4))
+
+  def mask_at(ys, xs):  # The crop holds the box; every pixel outside it is 0.
+    ys, xs = ys - top, xs - left
+    valid = ((ys >= 0) & (ys < box_h))[:, None] & ((xs >= 0) & (xs < box_w))[None, :]
+    flat = jnp.where(valid, ys[:, None] * box_w + xs[None, :], 0)
+    return jnp.where(valid, mask_raw[flat], 0).astype(jnp.float32)
+
+  # Bilinear weights are convex, so the rounded values stay in [0, 255] (as on the host).
+  resized = jnp.round(_bilinear(image_at, rows, cols)).astype(jnp.uint8)
+  image = jnp.where(inside[..., None], resized, jnp.asarray(MEAN_RGB_UINT8, jnp.uint8))
+  mask = jnp.where(inside, _bilinear(mask_at, rows, cols) >= 0.5, False).astype(jnp.uint8)
+  return image, mask
+
+
+def letterbox_on_device(batch: Batch, image_size: int) -> Batch:
+  """The host path's batch from a batch of the device-letterbox path (jit-able; a no-op on host batches).
+
+  Replaces image_raw / mask_raw / mask_box (`input_pipeline.host_decode`) with image uint8 B×S×S×3 and mask
+  uint8 B×S×S, equal to what the host's integer letterbox (`input_pipeline.preprocess.letterbox`) makes of the
+  same example: TensorFlow's bilinear resize (half-pixel centres, float32, its operation order), rounded, pasted
+  at `offset` on the mean colour; the mask thresholded at 0.5 on a zero canvas. The train and eval steps call it
+  first, so they see the same batch either way.
+  """
+  if "image_raw" not in batch:
+    return batch
+  one = functools.partial(_letterbox_one, image_size=image_size)
+  image, mask = jax.vmap(one)(
+    batch["image_raw"], batch["mask_raw"], batch["mask_box"], batch["orig_hw"], batch["resized_hw"], batch["offset"]
+  )
+  out = {key: value for key, value in batch.items() if key not in RAW_KEYS}
+  out["image"], out["mask"] = image, mask
+  return out
 
 
 def init_inputs(image_size: int, context_length: int) -> Tuple[jax.Array, jax.Array]:
@@ -131,6 +222,9 @@ class DataSource:
       shuffle_buffer=c.data.shuffle_buffer,
       start_step=start_step,
       letterbox_mode=c.data.letterbox,
+      # The fast path: batches that the step must pass through `letterbox_on_device` first.
+      device_letterbox=c.data.get("device_letterbox", False),
+      canvas=c.data.eval_canvas,
     )
 
   def eval(self, split: str) -> Iterable[Batch]:

@@ -11,14 +11,17 @@ per dataset as the refer downloads unpack (`refcoco/refs(unc).p`, `refcoco/insta
 SECURITY: the refs files are Python pickles, and loading a pickle can execute arbitrary code. Only convert refer
 files you trust (e.g. downloaded yourself from the refer authors).
 
-Output: one `tf.train.Example` per ref in the layout of `input_pipeline.records`, and `<out>/summary.json` with
-dataset, split_by, context_length (77) and per split the refs, sentences and shards (and refs skipped /
-re-encoded); the counts are checked against the records read back from disk before it is written, and an
-existing summary is merged, so splits may be converted by separate runs.
+Output: one `tf.train.Example` per ref in the layout of `input_pipeline.records` (record format
+`records.FORMAT_VERSION`), `<out>/summary.json` with format_version, dataset, split_by, context_length (77) and per
+split the refs, sentences and shards (and refs skipped / re-encoded); the counts are checked against the records
+read back from disk before it is written, and an existing summary is merged, so splits may be converted by
+separate runs. Next to it, TFDS metadata (`input_pipeline.tfds_metadata`: dataset_info.json, features.json), so
+that `tfds.builder_from_directory(<out>)` reads the shards as a TFDS dataset. summary.json is written last: it
+marks a finished conversion.
 
-Why plain TFRecord shards and not a TFDS builder: the shards are read per host with plain tf.data file sharding,
-there is no TFDS registry / download / version machinery to configure for data that users must fetch by hand,
-and the converter can resume shard by shard.
+Why TFRecord shards with TFDS metadata and not a TFDS builder class: there is no download to automate (users fetch
+the data by hand), the converter resumes shard by shard, and the training pipeline reads the shards with its own
+seeded, resumable tf.data code (docs/data.md, "TensorFlow Datasets").
 
 What a record holds and why:
   * the image as its original file bytes: decoding happens in the stored pixel frame (EXIF orientation is
@@ -51,6 +54,7 @@ from fcnet_jax import fileio
 from input_pipeline import records
 from input_pipeline import refer
 from input_pipeline import shards as shards_lib
+from input_pipeline import tfds_metadata
 
 DEFAULT_SHARD_SIZE = 256  # ~40 MB of COCO images per shard; RefCOCO train -> 166 shards.
 
@@ -59,6 +63,12 @@ def _existing_summary(path: str, header: Dict[str, object]) -> dict:
   if not os.path.exists(path):
     return {**header, "splits": {}}
   summary = fileio.read_json(path)
+  if summary.get("format_version", 1) != records.FORMAT_VERSION:
+    raise ValueError(
+      f"{path} describes shards of record format {summary.get('format_version', 1)}; this converter writes format "
+      f"{records.FORMAT_VERSION} (docs/data.md, 'The record format'): convert into a new --out folder (or delete "
+      "this one), and point config.data.tfrecord_dir at it"
+    )
   for key, value in header.items():
     if summary.get(key) != value:
       raise ValueError(
@@ -94,8 +104,8 @@ def convert(
     shard_size: refs per shard; a rerun must use the same value to resume.
 
   Returns:
-    The summary written to `<out_dir>/summary.json`: dataset, split_by, context_length and, per split, refs,
-    sentences, shards, skipped_refs and reencoded_refs.
+    The summary written to `<out_dir>/summary.json`: format_version, dataset, split_by, context_length and, per
+    split, refs, sentences, shards, skipped_refs and reencoded_refs.
   """
   split_names = refer.known_splits(dataset, split_by)
   refer_dir = os.path.join(refer_root, dataset)
@@ -110,7 +120,12 @@ def convert(
     unknown = [s for s in splits if s not in split_names]
     if unknown:
       raise ValueError(f"unknown split(s) {unknown} for {dataset}/{split_by}; known: {list(split_names)}")
-  header = {"dataset": dataset, "split_by": split_by, "context_length": records.STORED_CONTEXT_LENGTH}
+  header = {
+    "format_version": records.FORMAT_VERSION,
+    "dataset": dataset,
+    "split_by": split_by,
+    "context_length": records.STORED_CONTEXT_LENGTH,
+  }
   summary_path = os.path.join(out_dir, records.SUMMARY_FILE)
   summary = _existing_summary(summary_path, header)  # Fail before any work if --out holds another dataset.
 
@@ -163,7 +178,8 @@ def convert(
     written = sum(results[task.path].written for task in tasks)
     logging.info("%s: wrote %d shards, kept %d finished ones", split, written, len(tasks) - written)
     summary["splits"][split] = shards_lib.check_split(tasks, results, skip_bad_images)
-  fileio.write_json(summary_path, summary)
+  tfds_metadata.write(out_dir, summary)
+  fileio.write_json(summary_path, summary)  # Last: a summary means the conversion finished.
   return summary
 
 

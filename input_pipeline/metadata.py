@@ -43,6 +43,11 @@ def dataset_info(data_dir: str, dataset: Optional[str] = None, split_by: Optiona
   for key in ("context_length", "splits"):
     if key not in info:
       raise ValueError(f"{path} has no field {key!r}.")
+  if format_version(info) > records.FORMAT_VERSION:
+    raise ValueError(
+      f"{path} has format_version {format_version(info)}, newer than this code reads ({records.FORMAT_VERSION}): "
+      "update fcnet_jax, or convert with this version's fcnet-convert."
+    )
   wanted = {"dataset": dataset, "split_by": split_by}
   wrong = {key: value for key, value in wanted.items() if value is not None and info.get(key) != value}
   if wrong:
@@ -54,6 +59,26 @@ def dataset_info(data_dir: str, dataset: Optional[str] = None, split_by: Optiona
       "configuration."
     )
   return info
+
+
+def format_version(info: Dict[str, Any]) -> int:
+  """The record format of the shards (summary.json `format_version`; absent in format 1)."""
+  return int(info.get("format_version", 1))
+
+
+def check_device_letterbox(info: Dict[str, Any], data_dir: str, letterbox_mode: str) -> None:
+  """The device letterbox needs format 2's mask crops and letterboxes like the host's "integer" mode only."""
+  if letterbox_mode != "integer":
+    raise ValueError(
+      f"the device letterbox reproduces the 'integer' letterbox only; config.data.letterbox={letterbox_mode!r} "
+      "letterboxes on the host (turn the device letterbox off)"
+    )
+  if format_version(info) < 2:
+    raise ValueError(
+      f"{data_dir} holds record format {format_version(info)} shards (summary.json has no format_version 2): "
+      "the device letterbox needs format 2's mask crops. Convert again into a new folder "
+      "(fcnet-convert ... --out=NEW_DIR) and point config.data.tfrecord_dir at it, or letterbox on the host."
+    )
 
 
 def split_info(info: Dict[str, Any], data_dir: str, split: str) -> Dict[str, Any]:

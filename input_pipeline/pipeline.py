@@ -19,6 +19,10 @@ Batch (B = per-process batch, S = image_size, L = context_length, K = canvas):
   valid       bool    B         False marks the padding examples of evaluation (training: all True)
   orig_mask   uint8   B×K×K     evaluation only: the original-size mask at the top-left of a K×K zero canvas
 
+The fast training path (`train_iterator(device_letterbox=True)`, docs/data.md) yields the same stream with
+`image_raw`, `mask_raw` and `mask_box` in place of `image` and `mask` (`host_decode`); the step finishes it with
+`fcnet_jax.data.letterbox_on_device`.
+
 Training visits the refs of this process's part of the split in a per-epoch shuffled order, one random
 sentence per visit; the stream is a pure function of (seed, process_index, process_count) and `start_step`
 resumes it exactly. Evaluation yields every (ref, sentence) pair exactly once across processes, padded with
@@ -30,10 +34,12 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
+from input_pipeline import host_decode
 from input_pipeline import import_tensorflow
 from input_pipeline import metadata
 from input_pipeline import preprocess
 from input_pipeline import records
+from input_pipeline import tfds_metadata
 from input_pipeline.metadata import dataset_info
 from input_pipeline.preprocess import letterbox
 from input_pipeline.preprocess import MEAN_RGB_UINT8
@@ -85,6 +91,7 @@ def train_dataset(
   start_step: int = 0,
   threads: int = 0,
   letterbox_mode: str = "integer",
+  device_letterbox: bool = False,
 ) -> tf.data.Dataset:
   """The endless training stream of this process: shuffled refs, one random sentence per visit.
 
@@ -105,15 +112,20 @@ def train_dataset(
     process_count: `jax.process_count()`.
     shuffle_buffer: records held by the shuffle (serialized, so ~ the JPEG size each).
     start_step: yield the batches of the uninterrupted stream from step `start_step` on (resume). The skip
-      counts records from their TFRecord headers and drops serialized records, so no image is decoded.
+      takes the records per shard from the TFDS metadata (else from the TFRecord headers) and drops serialized
+      records, so no image is decoded.
     threads: tf.data private thread-pool size (0: TF's default, all cores).
     letterbox_mode: config.data.letterbox ("integer" or "cris"; `preprocess.letterbox`).
+    device_letterbox: stop before decoding: batches of `preprocess.undecoded_example` (needs record format 2 and
+      letterbox_mode "integer"); `train_iterator` decodes them (`host_decode`).
 
   Returns:
     A dataset of batches (module docstring) with static shapes, `valid` all True.
   """
   metadata.check_process(process_index, process_count)
   info = metadata.dataset_info(data_dir)
+  if device_letterbox:
+    metadata.check_device_letterbox(info, data_dir, letterbox_mode)
   split_info = metadata.split_info(info, data_dir, split)
   stored_length = int(info["context_length"])
   metadata.check_sizes(image_size, context_length, batch_size, stored_length)
@@ -156,10 +168,12 @@ def train_dataset(
   first_epoch = 0
   if skip:
     # Whole epochs are skipped by their number, so resuming late in training does not re-read the data.
+    # Records per shard from the TFDS metadata (no read of the shards), else from the record headers.
+    lengths = tfds_metadata.shard_lengths(data_dir, split, len(files)) or [metadata.count_records(f) for f in files]
     if by_file:
-      per_epoch = sum(metadata.count_records(f) for f in own_files)
+      per_epoch = sum(lengths[process_index::process_count])
     else:
-      per_epoch = len(range(process_index, sum(metadata.count_records(f) for f in files), process_count))
+      per_epoch = len(range(process_index, sum(lengths), process_count))
     if per_epoch == 0:
       raise ValueError(f"process {process_index} of {process_count} has no records of split {split!r}.")
     first_epoch, skip = divmod(skip, per_epoch)
@@ -177,6 +191,8 @@ def train_dataset(
       maxval=tf.size(features["sentences/sent_id"]),
       dtype=tf.int32,
     )
+    if device_letterbox:
+      return preprocess.undecoded_example(features, sentence, image_size, context_length)
     example, _ = preprocess.example(features, sentence, image_size, context_length, letterbox_mode)
     return example
 
@@ -192,9 +208,19 @@ def train_dataset(
   return dataset.with_options(_options(threads))
 
 
-def train_iterator(data_dir: str, split: str, **kwargs) -> Iterator[Batch]:
-  """`train_dataset(...)` as an endless iterator of NumPy batches (same arguments)."""
-  return train_dataset(data_dir, split, **kwargs).as_numpy_iterator()
+def train_iterator(
+  data_dir: str, split: str, *, canvas: int = 640, decode_threads: int = 2, **kwargs
+) -> Iterator[Batch]:
+  """`train_dataset(...)` as an endless iterator of NumPy batches (same arguments).
+
+  With `device_letterbox=True` the batches hold the decoded images and masks on a flat K×K canvas
+  (`host_decode`, K = `canvas`, decoded in `decode_threads` threads) instead of `image` and `mask`;
+  `fcnet_jax.data.letterbox_on_device` turns them into the host path's batch on the accelerator.
+  """
+  batches = train_dataset(data_dir, split, **kwargs).as_numpy_iterator()
+  if kwargs.get("device_letterbox"):
+    return host_decode.decoded_batches(batches, canvas, decode_threads)
+  return batches
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ The tf.data functions of the pipeline have no Python control flow on tensors, so
 from typing import Dict, Tuple
 
 from fcnet_jax import letterbox as letterbox_lib
+from fcnet_jax.data import MEAN_RGB_UINT8
 from input_pipeline import import_tensorflow
 from input_pipeline import records
 
 tf = import_tensorflow()
 
-# The CLIP mean colour (0.48145466, 0.4578275, 0.40821073) × 255, rounded: the letterbox padding.
-MEAN_RGB_UINT8 = (123, 117, 104)
+__all__ = ["MEAN_RGB_UINT8", "decode_image_and_mask", "example", "letterbox", "undecoded_example"]
 
 
 def _fill(colour: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
@@ -144,3 +144,21 @@ def example(
   out["sent_id"] = features["sentences/sent_id"][sentence]
   out["valid"] = tf.constant(True)
   return out, mask
+
+
+def undecoded_example(
+  features: Dict[str, tf.Tensor], sentence: tf.Tensor, image_size: int, context_length: int
+) -> Dict[str, tf.Tensor]:
+  """`example` without the pixels, for the device letterbox (`input_pipeline.host_decode`): the encoded image
+  and mask crop, the integer letterbox geometry of the stored size, and every other key of `example`."""
+  stored_hw = tf.cast(tf.stack([features["image/height"], features["image/width"]]), tf.int32)
+  out = _integer_geometry(stored_hw[0], stored_hw[1], image_size)
+  out["tokens"] = records.truncate_tokens(features["sentences/tokens"][sentence], context_length)
+  out["orig_hw"] = stored_hw
+  out["ref_id"] = features["ref_id"]
+  out["sent_id"] = features["sentences/sent_id"][sentence]
+  out["valid"] = tf.constant(True)
+  for key in ("image/encoded", records.REENCODED_FEATURE, "mask/crop"):
+    out[key] = features[key]
+  out["mask_box"] = tf.cast(features["mask/box"], tf.int32)
+  return out

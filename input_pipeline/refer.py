@@ -185,13 +185,6 @@ def decode_annotation_mask(segmentation, height: int, width: int, where: str = "
   return mask_utils.decode(rle)
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
-  """Single-channel PNG of an H×W 0/1 mask (values stay 0/1)."""
-  buffer = io.BytesIO()
-  Image.fromarray(np.asarray(mask, np.uint8)).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
 def _one_line(message: str) -> str:
   """A library's error message on one line, without TF's "{{function_node …}}" prefix and "[Op:…]" suffix."""
   return " ".join(re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", message).split())

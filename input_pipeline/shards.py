@@ -137,7 +137,7 @@ def write_shard(task: ShardTask) -> ShardResult:
           image=image,
           height=item.height,
           width=item.width,
-          mask_png=refer.encode_mask_png(mask),
+          mask=mask,
           ref_id=item.ref_id,
           ann_id=item.ann_id,
           image_id=item.image_id,

@@ -131,11 +131,40 @@ def test_records_equal_their_sources(synthetic_root, converted):
       mask = decode_png(record["mask/encoded"])
       assert mask.dtype == np.uint8 and mask.shape == (image["height"], image["width"])
       np.testing.assert_array_equal(mask, masks[ref["ann_id"]])  # Bit for bit, 0/1.
+      top, left, height, width = box = record["mask/box"].tolist()  # Format 2: the crop, placed back.
+      placed = np.zeros_like(mask)
+      placed[top : top + height, left : left + width] = records.decode_mask_crop(record["mask/crop"], box)
+      np.testing.assert_array_equal(placed, mask)
+      assert box == list(records.mask_box(mask))
       sents = [s["sent"] for s in ref["sentences"]]
       assert [s.decode() for s in record["sentences/sent"]] == sents
       assert record["sentences/sent_id"].tolist() == [s["sent_id"] for s in ref["sentences"]]
       np.testing.assert_array_equal(record["sentences/tokens"].reshape(len(sents), 77), tokenizer.tokenize(sents, 77))
   assert kinds == {"polygons", str, list}  # Polygon lists, compressed and uncompressed RLE all went through.
+
+
+def test_tfds_builder_from_directory_reads_the_shards(converted):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  out, summary = converted
+  assert summary["format_version"] == records.FORMAT_VERSION == 2
+  builder = tfds.builder_from_directory(out)
+  assert builder.info.name == "refcoco_unc" and sorted(builder.info.splits) == sorted(ALL_SPLITS)
+  assert "Modeling Context in Referring Expressions" in builder.info.citation and "COCO" in builder.info.citation
+  for split in ALL_SPLITS:
+    paths = shard_paths(os.path.join(out, split))
+    assert builder.info.splits[split].num_examples == summary["splits"][split]["refs"]
+    assert builder.info.splits[split].shard_lengths == [len(read_records([p])) for p in paths]
+  written = {int(r["ref_id"]): r for r in read_records(shard_paths(os.path.join(out, "val")))}
+  examples = list(builder.as_dataset(split="val").as_numpy_iterator())
+  assert sorted(int(e["ref_id"]) for e in examples) == sorted(written)  # Each ref once.
+  for example in examples[:3]:  # Features decode as TFDS connectors: images and masks to arrays.
+    record = written[int(example["ref_id"])]
+    image = tf.io.decode_image(record["image/encoded"], channels=3, expand_animations=False).numpy()
+    np.testing.assert_array_equal(example["image"]["encoded"], image)
+    np.testing.assert_array_equal(example["mask"]["encoded"][..., 0], decode_png(record["mask/encoded"]))
+    np.testing.assert_array_equal(example["sentences"]["tokens"].reshape(-1), record["sentences/tokens"])
+    assert example["mask"]["crop"] == record["mask/crop"]
 
 
 def test_records_decode_in_the_pipeline(converted):
@@ -305,6 +334,16 @@ def test_splits_converted_separately_merge_into_one_summary(synthetic_root, tmp_
     convert.convert(
       str(google_root), os.path.join(synthetic_root, "images"), "refcoco", "google", str(out), splits=["val"]
     )
+
+
+def test_a_folder_of_format_1_is_refused_with_the_upgrade(synthetic_root, tmp_path):
+  out = tmp_path / "old"
+  os.makedirs(out)
+  old = {"dataset": "refcoco", "split_by": "unc", "context_length": 77, "splits": {"val": {"refs": 1}}}
+  (out / records.SUMMARY_FILE).write_text(json.dumps(old))
+  with pytest.raises(ValueError, match=r"record format 1; this converter writes format 2 .*new --out folder"):
+    _convert(synthetic_root, out, splits=["testB"])
+  assert json.loads((out / records.SUMMARY_FILE).read_text()) == old
 
 
 def test_every_dataset_and_split_by(tmp_path):

@@ -104,7 +104,7 @@ def _example_bytes(ref) -> bytes:
     image=ref["encoded"],
     height=height,
     width=width,
-    mask_png=_encode(ref["mask"], "PNG"),
+    mask=ref["mask"],
     ref_id=ref["ref_id"],
     ann_id=ref["ref_id"] + 1000,
     image_id=ref["ref_id"] + 2000,
