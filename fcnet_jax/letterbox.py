@@ -20,6 +20,10 @@ are written here as per-axis taps (index, weight, valid) that reproduce the two 
   * Both use the cubic convolution kernel with a = −0.75 (`jax.image` uses a = −0.5, so it is not used here).
 Every function takes `xp` (numpy or jax.numpy), so the input pipeline and the jitted evaluation share one
 definition of the geometry.
+
+`integer_letterbox` is the "integer" letterbox of the input pipeline's images (`input_pipeline.preprocess`,
+`tf.image.resize` bilinear with half-pixel centres, no antialias, rounded half to even) in NumPy, bit for bit,
+for prediction without TensorFlow (`fcnet_jax.predict`); `letterbox_image` picks either mode's image letterbox.
 """
 
 from typing import Any, Tuple
@@ -34,6 +38,8 @@ MASK_LEVELS = {"integer": 1, "cris": 255}
 CRIS_IOU_EPSILON = 1e-6  # IoU = I / (U + ε): an empty union scores 0 under CRIS's protocol.
 _INTER_BITS = 5  # OpenCV: sub-pixel positions in 1/32 pixel.
 _AB_BITS = 10  # OpenCV warpAffine: fixed-point bits of the mapped coordinates.
+# The CLIP mean colour (0.48145466, 0.4578275, 0.40821073) × 255, rounded: the letterbox padding of both modes.
+MEAN_RGB_UINT8 = (123, 117, 104)
 
 
 def check_mode(mode: str) -> str:
@@ -52,6 +58,20 @@ def cris_affine(height: Any, width: Any, size: int, xp: Any = np) -> Tuple[Any, 
   width = xp.asarray(width, xp.float32)
   scale = xp.minimum(size / xp.maximum(height, 1.0), size / xp.maximum(width, 1.0))
   return scale, (size - height * scale) / 2.0, (size - width * scale) / 2.0
+
+
+def inverse_geometry(resized_hw: Any, offset: Any, orig_hw: Any, image_size: int, mode: str, xp: Any = np):
+  """The (resized_hw, offset) that `image_ops.inverse_letterbox` maps back through, for letterbox `mode`.
+
+  "integer": the batch's rounded geometry itself. "cris": CRIS's float affine of each B×2 (h, w) in pixel-centre
+  coordinates: OpenCV maps pixel indices (index i → scale·i + bias), so the image starts at bias + (1 − scale)/2
+  and spans h·scale canvas pixels. Evaluation's protocol ("ours", `metrics.eval_step_outputs`) and the predictor.
+  """
+  if check_mode(mode) != "cris":
+    return resized_hw, offset
+  scale, bias_y, bias_x = cris_affine(orig_hw[:, 0], orig_hw[:, 1], image_size, xp)
+  resized = xp.asarray(orig_hw, xp.float32) * scale[:, None]
+  return resized, xp.stack([bias_y, bias_x], axis=-1) + 0.5 * (1.0 - scale[:, None])
 
 
 def cubic_coefficients(t: Any, xp: Any = np) -> Any:
@@ -173,3 +193,81 @@ def cris_inverse(prob: Any, orig_hw: Any, canvas: int, image_size: int) -> Any:
     return jnp.matmul(jnp.matmul(rows, prob_e, precision=highest), cols.T, precision=highest)
 
   return jax.vmap(one_example)(prob.astype(jnp.float32), orig_hw)
+
+
+# ----------------------------------------------------------------------------------------------------- integer
+
+
+def integer_geometry(height: int, width: int, size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+  """((nh, nw), (top, left)) of the integer letterbox of an h×w image on an S×S canvas.
+
+  scale = min(S/h, S/w) in float64, (nh, nw) = round-half-even(h·scale, w·scale) (at least 1), centred with
+  (top, left) = ((S − nh) // 2, (S − nw) // 2): `input_pipeline.preprocess`'s geometry in the same float64
+  arithmetic, so both give the same integers.
+  """
+  scale = min(size / np.float64(height), size / np.float64(width))
+  resized_h = max(int(np.round(np.float64(height) * scale)), 1)
+  resized_w = max(int(np.round(np.float64(width) * scale)), 1)
+  return (resized_h, resized_w), ((size - resized_h) // 2, (size - resized_w) // 2)
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """TensorFlow's bilinear taps along one axis (half-pixel centres), in its float32 arithmetic: lower, upper, lerp.
+
+  Output index i samples source coordinate (i + 0.5)·(in/out) − 0.5; the taps are floor and ceil of it clamped to
+  the image, the weight of the upper tap is its fraction.
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  source = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+  floor = np.floor(source)
+  lower = np.maximum(floor.astype(np.int64), 0)
+  upper = np.minimum(np.ceil(source).astype(np.int64), in_size - 1)
+  return lower, upper, (source - floor).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, out_hw: Tuple[int, int]) -> np.ndarray:
+  """`tf.image.resize(image, out_hw, "bilinear", antialias=False)` of an h×w×C image: float32, bit for bit.
+
+  TensorFlow interpolates along the columns of the two source rows, then between those rows, each as
+  a + (b − a)·t in float32; the same operations in the same order here give the same floats.
+  """
+  rows_lo, rows_hi, row_t = _bilinear_taps(image.shape[0], out_hw[0])
+  cols_lo, cols_hi, col_t = _bilinear_taps(image.shape[1], out_hw[1])
+  col_t = col_t[None, :, None]
+
+  def along_columns(rows: np.ndarray) -> np.ndarray:
+    source = image[rows].astype(np.float32)
+    left, right = source[:, cols_lo], source[:, cols_hi]
+    return left + (right - left) * col_t
+
+  top, bottom = along_columns(rows_lo), along_columns(rows_hi)
+  return top + (bottom - top) * row_t[:, None, None]
+
+
+def integer_letterbox(
+  image: np.ndarray, size: int, mean_rgb: Tuple[int, int, int] = MEAN_RGB_UINT8
+) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
+  """The integer letterbox of a uint8 h×w×3 image: (S×S×3 uint8 canvas, (nh, nw), (top, left)).
+
+  Equals `input_pipeline.preprocess.letterbox(image, mask, S)["image"]` bit for bit (tests/test_predict.py):
+  bilinear resize to (nh, nw) (`resize_bilinear`), rounded half to even, pasted at (top, left) on a canvas of
+  `mean_rgb`.
+  """
+  (resized_h, resized_w), (top, left) = integer_geometry(image.shape[0], image.shape[1], size)
+  resized = np.round(resize_bilinear(image, (resized_h, resized_w))).astype(np.uint8)  # Convex weights: in range.
+  canvas = np.empty((size, size, 3), np.uint8)
+  canvas[...] = np.asarray(mean_rgb, np.uint8)
+  canvas[top : top + resized_h, left : left + resized_w] = resized
+  return canvas, (resized_h, resized_w), (top, left)
+
+
+def letterbox_image(image: np.ndarray, size: int, mode: str) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
+  """The model input of a uint8 h×w×3 image in letterbox `mode` (config.data.letterbox), as training made it.
+
+  Returns (S×S×3 uint8 canvas, (nh, nw), (top, left)); for "cris" the geometry is the integer letterbox's, which
+  the pipeline also ships with CRIS-letterboxed images (evaluation derives CRIS's float geometry from h, w).
+  """
+  if check_mode(mode) == "cris":
+    canvas, _ = cris_letterbox(image, np.zeros(image.shape[:2], np.uint8), size, MEAN_RGB_UINT8)
+    return (canvas, *integer_geometry(image.shape[0], image.shape[1], size))
+  return integer_letterbox(image, size)
