@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from fcnet_jax import image_ops
+from fcnet_jax import letterbox
 from fcnet_jax import tokenizer
 
 Batch = Mapping[str, Any]
 # The letterbox padding: CLIP's mean colour × 255, rounded, (123, 117, 104). The host path pads with it too.
-MEAN_RGB_UINT8 = tuple(int(round(255 * m)) for m in image_ops.CLIP_MEAN)
+MEAN_RGB_UINT8 = letterbox.MEAN_RGB_UINT8  # The letterbox padding: CLIP's mean colour × 255, rounded.
 RAW_KEYS = ("image_raw", "mask_raw", "mask_box")  # What `letterbox_on_device` consumes.
 SYNTHETIC_RAW_DIR = "synthetic_raw"
 SYNTHETIC_SHARDS_DIR = "synthetic_tfrecords"

@@ -279,14 +279,9 @@ def eval_step_outputs(
     )
   prob = jax.nn.sigmoid(_squeeze_channel(logits).astype(jnp.float32))
   orig_hw = batch["orig_hw"]
-  if letterbox.check_mode(letterbox_mode) == "cris":
-    # OpenCV maps pixel indices (index i → scale·i + bias); in pixel-centre coordinates the image starts at
-    # bias + (1 − scale)/2 and spans h·scale canvas pixels.
-    scale, bias_y, bias_x = letterbox.cris_affine(orig_hw[:, 0], orig_hw[:, 1], image_size, jnp)
-    resized_hw = orig_hw.astype(jnp.float32) * scale[:, None]
-    offset = jnp.stack([bias_y, bias_x], axis=-1) + 0.5 * (1.0 - scale[:, None])
-  else:
-    resized_hw, offset = batch["resized_hw"], batch["offset"]
+  resized_hw, offset = letterbox.inverse_geometry(
+    batch["resized_hw"], batch["offset"], orig_hw, image_size, letterbox_mode, jnp
+  )
   region = image_ops.valid_region(orig_hw, canvas)
   ours = image_ops.inverse_letterbox(prob, resized_hw, offset, orig_hw, canvas, image_size)
   intersection, union = image_ops.batch_iou_terms(ours, orig_mask, threshold, region)

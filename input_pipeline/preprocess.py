@@ -21,7 +21,7 @@ The tf.data functions of the pipeline have no Python control flow on tensors, so
 from typing import Dict, Tuple
 
 from fcnet_jax import letterbox as letterbox_lib
-from fcnet_jax.data import MEAN_RGB_UINT8
+from fcnet_jax.letterbox import MEAN_RGB_UINT8
 from input_pipeline import import_tensorflow
 from input_pipeline import records
 
