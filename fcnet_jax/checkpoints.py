@@ -10,17 +10,27 @@ Layout in the workdir (Orbax):
 The two are separate managers because a `best_fn` manager with `max_to_keep` may delete the newest step, which
 resuming needs. Evaluation restores only the parameters and BatchNorm statistics of a saved train state (a
 partial restore): it needs no optimiser and no schedule.
+
+Killed at any moment. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete (on
+gs://, where a rename is not atomic, a `commit_success.txt` marks it complete), and lists only complete steps: a
+half-written step is never loaded, and opening the managers for training removes it. A complete step that does not
+read back (a truncated or corrupted file) is moved to `checkpoints.corrupt-<step>` and the run resumes from the
+step before (`restore_newest`). A save that fails (a full disk) raises `CheckpointSaveError` naming the step; the
+earlier steps stay intact. The workdir may be local or remote (gs://…): every path goes through etils.epath.
 """
 
 import logging as std_logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from absl import logging
 import jax
 
+from fcnet_jax import fileio
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+CORRUPT_PREFIX = "checkpoints.corrupt-"  # + step: a step that did not read back, set aside.
 CheckpointSpec = Union[str, int]  # "latest", "best" or a step number.
 
 
@@ -33,7 +43,8 @@ class Checkpoints:
 
     self._ocp = ocp
     quiet_orbax_logging()
-    self.workdir = workdir
+    self.workdir = fileio.as_path(workdir)
+    self._in_flight: Dict[int, int] = {}  # id(manager) → the step of its asynchronous save in flight.
 
     # Both managers save the same step numbers; with several processes their barriers are named after the step
     # directory, so each manager needs its own barrier prefix or the two saves of a step collide.
@@ -42,27 +53,33 @@ class Checkpoints:
 
     # Read-only: create nothing and never delete (no max_to_keep). Orbax's own read_only option would do as
     # much but warns on every open; nothing here saves through a read-only instance.
+    # Writers also remove the half-written steps of a killed run (cleanup_tmp_directories).
     keep_latest, keep_best = (None, None) if read_only else (keep, 1)
     self.latest = ocp.CheckpointManager(
-      os.path.join(workdir, LATEST_DIR),
+      self.workdir / LATEST_DIR,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep_latest, create=not read_only, multiprocessing_options=barriers("latest")
+        max_to_keep=keep_latest,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        multiprocessing_options=barriers("latest"),
       ),
     )
     self.best = ocp.CheckpointManager(
-      os.path.join(workdir, BEST_DIR),
+      self.workdir / BEST_DIR,
       options=ocp.CheckpointManagerOptions(
         max_to_keep=keep_best,
         best_fn=lambda m: m["mIoU"],
         best_mode="max",
         create=not read_only,
+        cleanup_tmp_directories=not read_only,
         keep_checkpoints_without_metrics=False,
         multiprocessing_options=barriers("best"),
       ),
     )
 
   def save_latest(self, step: int, state: Any):
-    self.latest.save(step, args=self._ocp.args.StandardSave(state))
+    self._wait(self.latest)
+    self._saving(step, self.latest, lambda: self.latest.save(step, args=self._ocp.args.StandardSave(state)))
 
   def save_best(self, step: int, state: Any, eval_metrics: Mapping[str, float]):
     """Keeps `state` if its mIoU beats the kept best step (Orbax drops the worse of the two)."""
@@ -70,7 +87,61 @@ class Checkpoints:
     # is exact, so that checkpoint holds this very state (and Orbax refuses to save a step twice).
     if step in self.best.all_steps():
       return
-    self.best.save(step, args=self._ocp.args.StandardSave(state), metrics=dict(eval_metrics), force=True)
+    self._wait(self.best)
+    args = self._ocp.args.StandardSave(state)
+    self._saving(step, self.best, lambda: self.best.save(step, args=args, metrics=dict(eval_metrics), force=True))
+
+  def _wait(self, manager: Any) -> None:
+    """Waits for `manager`'s save in flight (Orbax would before the next save) so that its error names its step."""
+    self._saving(self._in_flight.pop(id(manager), None), manager, manager.wait_until_finished, starts_save=False)
+
+  def _saving(self, step: Optional[int], manager: Any, save: Callable[[], Any], *, starts_save: bool = True) -> None:
+    """Runs `save` (of `step`, or a wait for it); a failure becomes a `CheckpointSaveError` naming the step."""
+    try:
+      save()
+    except Exception as e:  # pylint: disable=broad-except
+      what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+      full = " The file system is full." if "No space left on device" in str(e) else ""
+      complete = [s for s in manager.all_steps() if s != step]
+      raise CheckpointSaveError(
+        f"saving {what} in {manager.directory} failed ({type(e).__name__}: {e}).{full} The complete checkpoints "
+        f"there (steps {complete or 'none'}) are intact, and a rerun resumes from the newest."
+      ) from e
+    if starts_save:
+      self._in_flight[id(manager)] = step
+
+  def restore_newest(self, target: Any) -> Any:
+    """The newest step of checkpoints/ that reads back, into `target`'s structure (see `restore`).
+
+    A step that fails to read (truncated or corrupt files) is logged with its error, moved to
+    `<workdir>/checkpoints.corrupt-<step>` (so that the step can be trained and saved again) and the step before it
+    is tried. Raises a ValueError naming every step and its error when none reads back.
+    """
+    errors = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        return self.restore(target, step)
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        logging.error(
+          "The checkpoint of step %d in %s does not read back (%s: %s); moving it to %s and trying the one before.",
+          step, self.latest.directory, type(e).__name__, e, self.workdir / f"{CORRUPT_PREFIX}{step}",
+        )  # fmt: skip
+        self._set_aside(step)
+    raise ValueError(f"no checkpoint in {self.workdir / LATEST_DIR} reads back: " + "; ".join(errors))
+
+  def _set_aside(self, step: int) -> None:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    if jax.process_index() == 0:
+      # Beside checkpoints/, in the workdir: on gs:// a rename needs an existing parent "directory".
+      aside = self.workdir / f"{CORRUPT_PREFIX}{step}"
+      if aside.exists():
+        aside.rmtree()
+      (self.workdir / LATEST_DIR / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"fcnet_checkpoint_set_aside_{step}")
+    self.latest.reload()
 
   def latest_step(self) -> Optional[int]:
     """The newest step of checkpoints/ (None in a fresh workdir)."""
@@ -125,17 +196,22 @@ class Checkpoints:
     return manager.restore(step, args=args)
 
   def _describe(self) -> str:
-    if not os.path.isdir(self.workdir):
+    if not self.workdir.is_dir():
       return "the directory does not exist"
     return "; ".join(f"{name}/ has steps {steps or 'none'}" for name, steps in self.steps().items())
 
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    """Waits for the asynchronous saves in flight; a failed one raises `CheckpointSaveError`."""
+    self._wait(self.latest)
+    self._wait(self.best)
 
   def close(self):
     self.latest.close()
     self.best.close()
+
+
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint failed (e.g. a full disk); the message names the step and the intact steps."""
 
 
 def abstract_leaf(leaf: Any) -> Any:

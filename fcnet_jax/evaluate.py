@@ -280,7 +280,8 @@ def evaluate(
   source, spec = workdir, checkpoint
   if is_model_path(checkpoint):
     source, spec = str(checkpoint), "best"
-  loaded = pretrained.load(source, spec, config=config)
+  # Only the model must match: scoring under the other letterbox protocol is allowed (a warning says so).
+  loaded = pretrained.load(source, spec, config=config, match=("model",))
   data = data or data_lib.DataSource(config, workdir)
   return Evaluator(config, loaded.model, loaded.mesh, data).run(loaded.state, loaded.step, workdir, final=True)
 

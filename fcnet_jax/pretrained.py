@@ -177,6 +177,7 @@ def load(
   *,
   config: Any = None,
   mesh: Optional[jax.sharding.Mesh] = None,
+  match: Tuple[str, ...] = run_config.MATCHING_FIELDS,
 ) -> Loaded:
   """A trained model from a training workdir or an exported model directory, ready for inference.
 
@@ -185,7 +186,8 @@ def load(
     checkpoint: for a workdir: "best", "latest" or a step number; an exported model has one step (its own, or
       "best"/"latest" which mean it).
     config: a configuration to read the checkpoint with; by default the saved config.json. When both exist,
-      the model and preprocessing fields must agree (an error lists those that do not).
+      the fields in `match` must agree (an error lists those that do not; by default the model and the
+      letterbox).
     mesh: the devices to replicate the state over (default: all).
 
   Raises:
@@ -202,7 +204,7 @@ def load(
       f"{path} is neither a training workdir (checkpoints/ or best/) nor an exported model ({MODEL_FILE}, "
       f"{VARIABLES_DIR}/); pass the --workdir of a training run or the --out of fcnet_jax.tools.export"
     )
-  config = run_config.resolve(path, config)
+  config = run_config.resolve(path, config, fields=match)
   model = fcnet.build_model(config.model)
   mesh = mesh or sharding.create_mesh()
   if exported:

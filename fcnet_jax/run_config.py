@@ -139,17 +139,19 @@ def differences(saved: Any, given: Any, fields=MATCHING_FIELDS) -> List[str]:
   return diffs
 
 
-def check_matches(saved: Any, given: Any, source: str) -> None:
+def check_matches(saved: Any, given: Any, source: str, fields=MATCHING_FIELDS) -> None:
   """Raises ValueError listing the model/preprocessing fields in which `given` differs from the saved config."""
-  diffs = differences(saved, given)
+  diffs = differences(saved, given, fields)
   if diffs:
     raise ValueError(f"the configuration does not match the one {source} was trained with:\n  " + "\n  ".join(diffs))
 
 
-def resolve(directory: fileio.PathLike, given: Optional[Any] = None) -> Any:
+def resolve(directory: fileio.PathLike, given: Optional[Any] = None, *, fields=MATCHING_FIELDS) -> Any:
   """The config to read `directory`'s checkpoints with: the saved one, checked against `given` when both exist.
 
-  With no saved config, `given` is used as it is (old workdirs); with neither, `load`'s error explains.
+  With no saved config, `given` is used as it is (old workdirs); with neither, `load`'s error explains. `fields`:
+  what must agree (evaluation checks only "model": scoring a model under the other letterbox protocol is a
+  deliberate experiment, logged as a warning).
   """
   if not exists(directory):
     if given is None:
@@ -157,6 +159,10 @@ def resolve(directory: fileio.PathLike, given: Optional[Any] = None) -> Any:
     return given
   saved = load(directory)
   if given is not None:
-    check_matches(saved, given, str(directory))
+    check_matches(saved, given, str(directory), fields)
+    for diff in differences(saved, given, [f for f in MATCHING_FIELDS if f not in fields]):
+      from absl import logging  # pylint: disable=g-import-not-at-top
+
+      logging.warning("%s was trained with another setting: %s", directory, diff)
     return given
   return saved

@@ -26,6 +26,7 @@ from fcnet_jax import evaluate as evaluate_lib
 from fcnet_jax import image_ops
 from fcnet_jax import letterbox
 from fcnet_jax import metrics as metrics_lib
+from fcnet_jax import preemption
 from fcnet_jax import run_config
 from fcnet_jax import sharding
 from fcnet_jax.models import fcnet
@@ -203,6 +204,7 @@ def train_step(
   The target is the letterboxed mask at H/4 divided by `mask_levels` (`letterbox.MASK_LEVELS`: 1 for our 0/1
   masks, 255 for CRIS's soft masks).
   """
+  batch = data_lib.letterbox_on_device(batch, model.image_size)  # No-op unless config.data.device_letterbox.
   images, tokens = model_inputs(batch, fcnet.DTYPES[model.dtype])
   pred_size = model.image_size // 4
   target = image_ops.downsample_mask(batch["mask"], (pred_size, pred_size))
@@ -291,6 +293,9 @@ def train_and_evaluate(
   Every `eval_every_*` and at the last step, the evaluation splits are scored (`evaluate.Evaluator.run`:
   `eval_<split>.json`, TensorBoard scalars and overlays; the final one with the shuffled-sentence control when
   config.eval_shuffled_control is set), and the step is kept in best/ if the first split's mIoU is the highest.
+  On SIGTERM (`fcnet_jax.preemption`) the step in flight finishes, its checkpoint is written and
+  `preemption.Preempted` (a SystemExit with status 143) is raised; a non-finite loss raises
+  `preemption.NonFiniteError` before anything after it is saved.
 
   Returns:
     (the final state, the metrics of the last evaluation per split name); the metrics are empty when the run
@@ -327,7 +332,7 @@ def train_and_evaluate(
   checkpoints = checkpoints_lib.Checkpoints(workdir, config.keep_checkpoints)
   state = initial_state(config, model, tx, mesh)
   if checkpoints.latest_step() is not None:
-    state = checkpoints.restore(state)
+    state = checkpoints.restore_newest(state)
     logging.info("Resumed from step %d", int(state.step))
   start_step = int(state.step)
   eval_every = config.eval_every_steps or max(int(config.eval_every_epochs * steps_per_epoch), 1)
@@ -338,26 +343,48 @@ def train_and_evaluate(
     hooks.append(profiler)
   train_metrics, eval_metrics, t0 = None, {}, time.time()
   train_iter = data.train(start_step)
-  with sharding.use_mesh(mesh):
-    for step in range(start_step + 1, total_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.global_batch(next(train_iter), mesh)
-        state, update = step_fn(state, batch)
-        train_metrics = update if train_metrics is None else train_metrics.merge(update)
-      for hook in hooks:
-        hook(step)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        scalars = {f"train/{k}": v for k, v in train_metrics.compute().items()}
-        elapsed, train_metrics = time.time() - t0, None
-        scalars["train/learning_rate"] = float(learning_rate_fn(step - 1))
-        scalars["train/images_per_second"] = config.log_every_steps * config.batch_size / max(elapsed, 1e-9)
-        writer.write_scalars(step, scalars)
-        t0 = time.time()
-      if step % eval_every == 0 or step == total_steps:
-        eval_metrics = evaluator.run(state.for_inference(), step, workdir, writer=writer, final=step == total_steps)
-        checkpoints.save_best(step, state, eval_metrics[config.data.eval_splits[0]])
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        checkpoints.save_latest(step, state)
+  stop, finite = preemption.StopSignal(), preemption.FiniteCheck(mesh)
+
+  def check_finite(step: int, state: Optional[TrainState] = None):
+    problem = finite.problem(step, state)
+    if problem:
+      checkpoints.wait()  # The saves in flight are of finite states: let them complete.
+      raise preemption.non_finite_error(problem, checkpoints.latest_step(), checkpoints.latest.directory)
+
+  try:
+    with sharding.use_mesh(mesh):
+      for step in range(start_step + 1, total_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch = sharding.global_batch(next(train_iter), mesh)
+          state, update = step_fn(state, batch)
+          finite.update(update.loss.total, state.step)
+          train_metrics = update if train_metrics is None else train_metrics.merge(update)
+        for hook in hooks:
+          hook(step)
+        if step % config.log_every_steps == 0 or step == total_steps:
+          check_finite(step)
+          scalars = {f"train/{k}": v for k, v in train_metrics.compute().items()}
+          elapsed, train_metrics = time.time() - t0, None
+          scalars["train/learning_rate"] = float(learning_rate_fn(step - 1))
+          scalars["train/images_per_second"] = config.log_every_steps * config.batch_size / max(elapsed, 1e-9)
+          writer.write_scalars(step, scalars)
+          t0 = time.time()
+        # Every process asks at every step (the multi-process agreement needs it); the last step just finishes.
+        preempted = stop.reached(step) and step < total_steps
+        if (step % eval_every == 0 or step == total_steps) and not preempted:
+          check_finite(step, state)
+          eval_metrics = evaluator.run(state.for_inference(), step, workdir, writer=writer, final=step == total_steps)
+          checkpoints.save_best(step, state, eval_metrics[config.data.eval_splits[0]])
+        if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
+          check_finite(step, state)
+          checkpoints.save_latest(step, state)
+        if preempted:
+          checkpoints.wait()
+          logging.warning("Preempted at step %d (SIGTERM): checkpoint saved, exiting to be restarted.", step)
+          writer.flush()
+          raise preemption.Preempted(step, str(checkpoints.latest.directory))
+  finally:
+    stop.close()
   checkpoints.wait()
   checkpoints.close()
   writer.flush()

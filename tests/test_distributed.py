@@ -42,8 +42,9 @@ TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  return train_worker.make_dataset(str(tmp_path_factory.mktemp("distributed_data")))
+def dataset(tiny_dataset):
+  """(shard dir, converter summary) of conftest's shared tiny dataset."""
+  return tiny_dataset.tfrecord_dir, tiny_dataset.summary
 
 
 def _read_json(path: str) -> dict:

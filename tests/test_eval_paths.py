@@ -2,9 +2,9 @@
 shuffled-sentence control in both modes, two evaluation splits, frozen backbone BatchNorm, and what a run leaves
 for TensorBoard and the profiler (main.py, fcnet_jax/evaluate.py, fcnet_jax/checkpoints.py, fcnet_jax/train.py).
 
-One small training run is shared (module fixture `run`): `python main.py` with configs/tiny.py on the synthetic
+The small training run is conftest.py's `trained_tiny_workdir` (main.py with configs/tiny.py on the synthetic
 shards, 4 steps, evaluation splits val and testA every 2 steps, checkpoints at 2 and 4, the control on, one
-profiled step and `freeze_backbone_bn`. Then `--mode=eval` with --checkpoint=2 and --checkpoint=latest on it.
+profiled step and `freeze_backbone_bn`). Then `--mode=eval` with --checkpoint=2 and --checkpoint=latest on a copy.
 The error paths fail before anything is compiled; checkpoint resolution and the restore for evaluation are checked
 in-process on the same workdir. Best-checkpoint selection is checked on the loop with scripted scores (and a
 stand-in model), so that the two splits prefer different steps.
@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -25,33 +24,16 @@ import train_worker
 # pycocotools (synthetic data / converter) warns once per decoded mask under NumPy 2.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-SPLITS = ("val", "testA")
+SPLITS = train_worker.TRAINED_SPLITS
 SHUFFLED = "_shuffled_sentences"
-TIMEOUT_S = 900
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  return train_worker.make_dataset(str(tmp_path_factory.mktemp("eval_paths_data")))
-
-
-def _main_command(workdir: str, tfrecord_dir: str, *args: str):
-  return [
-    sys.executable,
-    "main.py",
-    "--config=configs/tiny.py",
-    f"--workdir={workdir}",
-    f"--config.data.tfrecord_dir={tfrecord_dir}",
-    "--config.data.eval_canvas=160",
-    "--config.data.shuffle_buffer=16",
-    f"--config.data.eval_splits={SPLITS!r}",
-    "--config.num_train_steps=4",
-    "--config.eval_every_steps=2",
-    "--config.checkpoint_every_steps=2",
-    "--config.log_every_steps=1",
-    "--config.eval_shuffled_control=true",
-    *args,
-  ]
+def _default_cache_env() -> dict:
+  """A worker's environment without the tests' shared compilation cache (so main.py's default applies), with
+  jax's compiler log (cache hits and misses) on."""
+  env = {k: v for k, v in train_worker.subprocess_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAX_DEBUG_LOG_MODULES"] = "jax._src.compiler"
+  return env
 
 
 def _eval_jsons(workdir: str) -> dict:
@@ -64,22 +46,22 @@ def _eval_jsons(workdir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(dataset, tmp_path_factory):
-  """Trains once, then evaluates checkpoint 2 and the latest; returns what each left behind."""
-  shards, summary = dataset
+def run(trained_tiny_workdir, tmp_path_factory):
+  """The shared training run, then checkpoint 2 and the latest evaluated on a copy; returns what each left behind."""
+  trained = trained_tiny_workdir
   root = tmp_path_factory.mktemp("eval_paths")
-  workdir = str(root / "run")
-  out = {"workdir": workdir, "summary": summary}
-  command = _main_command(workdir, shards, "--config.profile_steps=1", "--config.model.freeze_backbone_bn=true")
-  train_worker.run_checked(command, str(root / "train.log"), TIMEOUT_S)
-  out["train_stdout"] = (root / "train.log").read_text()
+  workdir = train_worker.copy_workdir(trained, str(root / "run"))
+  out = {"workdir": workdir, "summary": trained.dataset.summary, "command": trained.command}
+  out["train_stdout"] = trained.stdout
   out["train"] = _eval_jsons(workdir)
   out["steps"] = (train_worker.checkpoint_steps(workdir, "checkpoints"), train_worker.checkpoint_steps(workdir, "best"))
+  # The two evaluations use the default compilation cache, <workdir>/xla_cache (the tests' shared cache is off for
+  # them), and log jax's cache hits: the second finds the evaluation program the first compiled.
+  env = _default_cache_env()
   for checkpoint in ("2", "latest"):
     log = root / f"eval_{checkpoint}.log"
-    train_worker.run_checked(
-      _main_command(workdir, shards, "--mode=eval", f"--checkpoint={checkpoint}"), str(log), TIMEOUT_S
-    )
+    command = trained.command(workdir, "--mode=eval", f"--checkpoint={checkpoint}")
+    train_worker.run_checked(command, str(log), train_worker.TIMEOUT_S, env=env)
     out[f"eval_{checkpoint}"] = _eval_jsons(workdir)
     out[f"eval_{checkpoint}_stdout"] = log.read_text()
   return out
@@ -133,15 +115,34 @@ def test_eval_mode_at_a_step_restores_that_step(run):
   assert any(evaluated[split][k] != run["eval_latest"][split][k] for split in SPLITS for k in ("mIoU", "oIoU"))
 
 
-def _main_fails(workdir: str, shards: str, checkpoint: str) -> str:
+def _cache_log(stdout: str, event: str) -> list:
+  """The names of the programs jax reports as `event` ("hit" or "MISS") in a main.py log with compiler logging."""
+  pattern = {"hit": "Persistent compilation cache hit for '", "MISS": "PERSISTENT COMPILATION CACHE MISS for '"}[event]
+  return [line.split(pattern, 1)[1].split("'")[0] for line in stdout.splitlines() if pattern in line]
+
+
+def test_second_evaluation_hits_the_workdir_compile_cache(run):
+  """config.compile_cache_dir's default: the cache lives in <workdir>/xla_cache; the first --mode=eval compiles
+  and stores the evaluation step there, the second (another process, another checkpoint) loads it."""
+  cache = os.path.join(run["workdir"], "xla_cache")
+  stored = sorted(name.split("-")[0] for name in os.listdir(cache) if name.endswith("-cache"))
+  assert "jit_eval_step" in stored, stored
+  first, second = run["eval_2_stdout"], run["eval_latest_stdout"]
+  assert "jit_eval_step" in _cache_log(first, "MISS") and "jit_eval_step" not in _cache_log(first, "hit")
+  assert "jit_eval_step" in _cache_log(second, "hit") and "jit_eval_step" not in _cache_log(second, "MISS")
+  # Every program the first run stored, the second loaded: nothing of size was compiled twice.
+  assert set(stored) <= set(_cache_log(second, "hit")), (stored, _cache_log(second, "hit"))
+
+
+def _main_fails(run: dict, workdir: str, checkpoint: str) -> str:
   """Runs --mode=eval expecting exit status 1 and one error line; returns that line."""
   process = subprocess.run(
-    _main_command(workdir, shards, "--mode=eval", f"--checkpoint={checkpoint}"),
+    run["command"](workdir, "--mode=eval", f"--checkpoint={checkpoint}"),
     cwd=train_worker.REPO,
-    env=train_worker.subprocess_env(),
+    env=_default_cache_env(),  # The default cache lives in the workdir: a missing one must stay missing.
     capture_output=True,
     text=True,
-    timeout=TIMEOUT_S,
+    timeout=train_worker.TIMEOUT_S,
     check=False,
   )
   assert process.returncode == 1, process.stderr[-3000:]
@@ -151,13 +152,12 @@ def _main_fails(workdir: str, shards: str, checkpoint: str) -> str:
   return errors[0]
 
 
-def test_eval_mode_names_what_is_missing(run, dataset, tmp_path):
-  shards, _ = dataset
-  line = _main_fails(run["workdir"], shards, "7")
+def test_eval_mode_names_what_is_missing(run, tmp_path):
+  line = _main_fails(run, run["workdir"], "7")
   assert "step 7" in line and run["workdir"] in line
   assert "checkpoints/ has steps [2, 4]" in line and f"best/ has steps {run['steps'][1]}" in line
   missing = tmp_path / "missing"
-  line = _main_fails(str(missing), shards, "latest")
+  line = _main_fails(run, str(missing), "latest")
   assert "FileNotFoundError" in line and "no latest checkpoint" in line and str(missing) in line
   assert "does not exist" in line
   assert not missing.exists()  # Evaluation creates nothing.
@@ -352,20 +352,18 @@ def test_freeze_backbone_bn_keeps_the_backbone_statistics(run):
   )
 
 
-def test_eval_with_cris_letterbox_reports_both_protocols(run, dataset, tmp_path):
+def test_eval_with_cris_letterbox_reports_both_protocols(run, tmp_path):
   """`--config.data.letterbox=cris` runs CRIS's preprocessing through the real pipeline and evaluation; both
   protocols' metrics reach eval_<split>.json and the printed table."""
-  shards, _ = dataset
   log = tmp_path / "eval_cris.log"
-  command = _main_command(
+  command = run["command"](
     run["workdir"],
-    shards,
     "--mode=eval",
     "--checkpoint=latest",
     "--config.data.letterbox=cris",
     "--config.eval_shuffled_control=false",
   )
-  train_worker.run_checked(command, str(log), TIMEOUT_S)
+  train_worker.run_checked(command, str(log), train_worker.TIMEOUT_S)
   scores = _eval_jsons_plain(run["workdir"])
   for split in SPLITS:
     for prefix in ("", "cris/"):

@@ -63,14 +63,14 @@ def tiny_clip_config():
   return config
 
 
-def write_fresh_variables(path: str) -> None:
+def fresh_variables() -> dict:
   """What training initialises without init_from (`train.create_train_state`, seeded as `train.initial_state`
-  seeds it), as an .npz of flattened variables. Run in a worker with main.py's XLA flags: the same program,
-  so the same bits, and a compilation-cache hit."""
+  seeds it), flattened. Computed in this process, which has the workers' XLA flags and environment
+  (tests/conftest.py): the program main.py runs, so the same bits (and a compilation-cache hit)."""
   config = tiny_clip_config()
   tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 1, 1))
   state = train.create_train_state(config, fcnet.build_model(config.model), jax.random.key(config.seed, impl="rbg"), tx)
-  np.savez(path, **_flat({"params": state.params, "batch_stats": state.batch_stats}))
+  return _flat({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def _flat(tree) -> dict:
@@ -109,10 +109,9 @@ def _adam_moments(opt_state) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_dataset, tmp_path_factory):
   """The converted checkpoint, its inputs, and runs A (lr 0) and B (lr LR, lr_multi 0.1) of main.py."""
   root = tmp_path_factory.mktemp("init_from")
-  shards, _ = train_worker.make_dataset(str(root / "data"))
   config = tiny_clip_config()
   assert not config.init_from
   m = config.model
@@ -146,29 +145,20 @@ def runs(tmp_path_factory):
   out = {"state_dict": state_dict, "converted": converted}
   for name, lr, lr_multi in (("a", 0.0, LR_MULTI), ("b", LR, LR_MULTI)):
     workdir = str(root / name)
-    command = [
-      sys.executable,
-      "main.py",
-      "--config=configs/tiny.py",
-      f"--workdir={workdir}",
+    command = train_worker.main_command(
+      workdir,
+      tiny_dataset.tfrecord_dir,
       *OVERRIDE_FLAGS,
       f"--config.init_from={converted}",
-      f"--config.data.tfrecord_dir={shards}",
-      "--config.data.eval_canvas=160",
-      "--config.data.shuffle_buffer=16",
       "--config.num_train_steps=1",
       "--config.checkpoint_every_steps=1",
       "--config.log_every_steps=1",
       f"--config.learning_rate={lr}",
       f"--config.lr_multi={lr_multi}",
-    ]
+    )
     train_worker.run_checked(command, str(root / f"{name}.log"), TIMEOUT_S, env=env)
     out[name] = _restore(workdir)
-  fresh = str(root / "fresh.npz")
-  script = f"import sys; sys.path[:0] = ['tests']; import test_init_from as t; t.write_fresh_variables({fresh!r})"
-  train_worker.run_checked([sys.executable, "-c", script], str(root / "fresh.log"), TIMEOUT_S, env=env)
-  with np.load(fresh) as f:
-    out["fresh"] = dict(f)
+  out["fresh"] = fresh_variables()
   return out
 
 

@@ -3,9 +3,10 @@
 
 The loop runs as `python main.py` in subprocesses on the synthetic refer data converted by the real converter:
 
-  A: 2 steps (evaluation + checkpoint at step 2), then A again in the same workdir up to step 4 (a restart: new
-     process, new state; it resumes from the step-2 checkpoint, the pipeline from start_step=2);
-  B: 4 uninterrupted steps in a fresh workdir;
+  B: 4 uninterrupted steps, evaluation + checkpoint every 2 (the shared `trained_tiny_workdir` of conftest.py);
+  A: B's workdir as a run preempted right after its step-2 checkpoint (a copy without the later checkpoints),
+     run again up to step 4 (a restart: new process, new state; it resumes from the step-2 checkpoint, the
+     pipeline from start_step=2);
   `--mode=eval --checkpoint=best` on A.
 
 Resuming is checked bitwise (CPU XLA is deterministic for a fixed program): every array of A's and B's step-4
@@ -20,7 +21,7 @@ import functools
 import json
 import math
 import os
-import sys
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -42,43 +43,13 @@ import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 # pycocotools (synthetic data / converter) warns once per decoded mask under NumPy 2.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-LEARNING_RATE = 1e-3
+LEARNING_RATE = train_worker.TRAINED_LEARNING_RATE
 DECAY_STEP = 3  # lr_decay_epochs=(0.6,) × steps_per_epoch 5 (43 training refs // batch 8).
 METRIC_NAMES = ("mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9")
-TIMEOUT_S = 900
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The runs (module fixtures).
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  """(shard dir, converter summary) of the tiny synthetic dataset."""
-  return train_worker.make_dataset(str(tmp_path_factory.mktemp("train_data")))
-
-
-def _main(workdir: str, tfrecord_dir: str, log_path: str, *args: str) -> str:
-  """Runs main.py with configs/tiny.py on the shards; returns its output."""
-  command = [
-    sys.executable,
-    "main.py",
-    "--config=configs/tiny.py",
-    f"--workdir={workdir}",
-    f"--config.data.tfrecord_dir={tfrecord_dir}",
-    "--config.data.eval_canvas=160",
-    "--config.data.shuffle_buffer=16",
-    "--config.eval_every_steps=2",
-    "--config.checkpoint_every_steps=2",
-    "--config.log_every_steps=1",
-    "--config.keep_checkpoints=3",
-    f"--config.learning_rate={LEARNING_RATE}",
-    "--config.lr_decay_epochs=(0.6,)",
-    *args,
-  ]
-  train_worker.run_checked(command, log_path, TIMEOUT_S)
-  with open(log_path) as f:
-    return f.read()
+# The runs (module fixture).
 
 
 def _read_json(path: str) -> dict:
@@ -86,23 +57,30 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
+def _preempt_after(workdir: str, step: int):
+  """Leaves `workdir` as a run killed right after saving checkpoint `step`: no later latest or best step."""
+  for manager in ("checkpoints", "best"):
+    for later in [s for s in train_worker.checkpoint_steps(workdir, manager) if s > step]:
+      shutil.rmtree(os.path.join(workdir, manager, str(later)))
+
+
 @pytest.fixture(scope="module")
-def runs(dataset, tmp_path_factory):
-  """Runs A (2 steps, then resumed to 4), B (4 steps) and eval mode on A; returns what each left behind."""
-  shards, _ = dataset
+def runs(trained_tiny_workdir, tmp_path_factory):
+  """B (shared), A (B preempted after step 2, resumed to 4) and eval mode on A; returns what each left behind."""
+  b = trained_tiny_workdir
   root = tmp_path_factory.mktemp("train_runs")
-  a, b = str(root / "a"), str(root / "b")
-  out = {"a": a, "b": b}
-  _main(a, shards, str(root / "a1.log"), "--config.num_train_steps=2")
-  out["a_eval_2"] = _read_json(os.path.join(a, "eval_val.json"))
-  out["a_steps_2"] = (train_worker.checkpoint_steps(a, "checkpoints"), train_worker.checkpoint_steps(a, "best"))
-  out["a2_log"] = _main(a, shards, str(root / "a2.log"), "--config.num_train_steps=4")
+  a = train_worker.copy_workdir(b, str(root / "a"))
+  _preempt_after(a, 2)
+  out = {"a": a, "b": b.workdir, "summary": b.dataset.summary}
+  train_worker.run_checked(b.command(a), str(root / "a2.log"), train_worker.TIMEOUT_S)
+  out["a2_log"] = (root / "a2.log").read_text()
   out["a_eval_4"] = _read_json(os.path.join(a, "eval_val.json"))
-  _main(b, shards, str(root / "b.log"), "--config.num_train_steps=4")
-  out["b_eval_4"] = _read_json(os.path.join(b, "eval_val.json"))
-  out["eval_stdout"] = _main(
-    a, shards, str(root / "eval.log"), "--config.num_train_steps=4", "--mode=eval", "--checkpoint=best"
-  )
+  out["b_eval_4"] = _read_json(os.path.join(b.workdir, "eval_val.json"))
+  # Evaluations at step 2 happened in B (A's first half): TensorBoard's float32 copies of them.
+  out["val_miou"] = train_worker.read_scalars(b.workdir)["eval/val/mIoU"]
+  log = root / "eval.log"
+  train_worker.run_checked(b.command(a, "--mode=eval", "--checkpoint=best"), str(log), train_worker.TIMEOUT_S)
+  out["eval_stdout"] = log.read_text()
   out["eval_mode"] = _read_json(os.path.join(a, "eval_val.json"))
   return out
 
@@ -133,17 +111,16 @@ def _check_eval_json(payload: dict, step: int, num_pairs: int):
   assert precisions == sorted(precisions, reverse=True)  # Prec@X cannot grow with X.
 
 
-def test_training_writes_evaluations_checkpoints_and_logs(runs, dataset):
-  _, summary = dataset
-  num_pairs = summary["splits"]["val"]["sentences"]
-  _check_eval_json(runs["a_eval_2"], 2, num_pairs)
+def test_training_writes_evaluations_checkpoints_and_logs(runs):
+  num_pairs = runs["summary"]["splits"]["val"]["sentences"]
+  _check_eval_json(runs["b_eval_4"], 4, num_pairs)
   _check_eval_json(runs["a_eval_4"], 4, num_pairs)
-  assert runs["a_steps_2"] == ([2], [2])
-  assert train_worker.checkpoint_steps(runs["a"], "checkpoints") == [2, 4]
-  # The best manager keeps the one step with the highest validation mIoU.
-  best = train_worker.checkpoint_steps(runs["a"], "best")
-  evals = {2: runs["a_eval_2"]["mIoU"], 4: runs["a_eval_4"]["mIoU"]}
-  assert len(best) == 1 and evals[best[0]] == max(evals.values())
+  assert sorted(runs["val_miou"]) == [2, 4]
+  for workdir in (runs["a"], runs["b"]):
+    assert train_worker.checkpoint_steps(workdir, "checkpoints") == [2, 4]
+    # The best manager keeps the one step with the highest validation mIoU.
+    best = train_worker.checkpoint_steps(workdir, "best")
+    assert len(best) == 1 and runs["val_miou"][best[0]] == max(runs["val_miou"].values())
   assert "Resumed from step 2" in runs["a2_log"]
 
   scalars = train_worker.read_scalars(runs["b"])
@@ -174,16 +151,17 @@ def test_resume_is_bitwise_exact(runs):
     assert runs["a_eval_4"][name] == runs["b_eval_4"][name], name
 
 
-def test_eval_mode_restores_the_best_checkpoint(runs, dataset):
-  _, summary = dataset
+def test_eval_mode_restores_the_best_checkpoint(runs):
+  num_pairs = runs["summary"]["splits"]["val"]["sentences"]
   best_step = train_worker.checkpoint_steps(runs["a"], "best")[0]
-  at_training = runs[f"a_eval_{best_step}"]
   evaluated = runs["eval_mode"]
-  _check_eval_json(evaluated, best_step, summary["splits"]["val"]["sentences"])
-  for name in METRIC_NAMES:  # The same state through the same program: identical numbers.
-    assert evaluated[name] == pytest.approx(at_training[name], abs=1e-7), name
+  _check_eval_json(evaluated, best_step, num_pairs)
+  # The same state through the same program: identical numbers (TensorBoard holds the training ones as float32).
+  at_training = train_worker.read_scalars(runs["a"])
+  for name in METRIC_NAMES:
+    assert evaluated[name] == pytest.approx(at_training[f"eval/val/{name}"][best_step], abs=1e-7), name
   table_row = [line for line in runs["eval_stdout"].splitlines() if line.startswith("val ")]
-  assert table_row and table_row[0].split()[-1] == str(summary["splits"]["val"]["sentences"])
+  assert table_row and table_row[0].split()[-1] == str(num_pairs)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -14,21 +14,31 @@ needs its own interpreter; this script is that interpreter. It also holds the he
       XLA_FLAGS=--xla_force_host_platform_device_count=8). Writes O/state.npz and O/result.json.
   python tests/train_worker.py evaluate --tfrecord_dir=D --workdir=W --out=O
       `evaluate.evaluate` of W's latest checkpoint. Writes O/result.json.
+
+Shared by the test files (no JAX import at module level): `main_command` (the `python main.py` command line of
+every test that runs the entry point), the tiny dataset and the one trained tiny workdir that tests/conftest.py
+builds once per test run (`build_once`, `build_trained_workdir`; see conftest's docstring).
 """
 
 import argparse
+import dataclasses
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# XLA's CPU back-end optimisation level 0 compiles the tiny model ~3× faster (init 20 s instead of 70 s on 2
-# cores); the test runs are a few steps, so the slower kernels do not matter. Both sides of every comparison
-# run with the same flags.
+# XLA's CPU back-end optimisation level 0 compiles the tiny model faster (init 20 s instead of 70 s on 2 cores; the
+# tiny model's init + forward + gradient in one process: 65 instead of 95 CPU seconds); the tests run a few steps,
+# so the slower kernels do not matter. tests/conftest.py sets it for the test process too: every process of the
+# tests compiles with the same flags, so they share persistent-cache entries and compute the same bits.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+TIMEOUT_S = 900  # Any one subprocess of the tests.
 
 
 def make_config(tfrecord_dir: str, steps: int):
@@ -65,16 +75,159 @@ def make_dataset(root: str):
   return shards, summary
 
 
-def subprocess_env(num_devices: int = 1) -> Dict[str, str]:
-  """The environment of a worker: CPU only, `num_devices` host devices, fast XLA compiles, TF quiet."""
-  env = dict(os.environ)
-  flags = [FAST_COMPILE_FLAG]
+def main_command(workdir: str, tfrecord_dir: str, *args: str) -> List[str]:
+  """`python main.py` with configs/tiny.py on the synthetic shards (canvas 160: synthetic images are at most 160 px
+  a side; a 16-example shuffle buffer), then `args`. Run it with `run_checked` (from the repo root).
+
+  Without the showcase after training (overlays.png, examples/: tests/test_demo.py tests it in-process); a test
+  that wants it passes --showcase=true in `args`."""
+  return [
+    sys.executable,
+    "main.py",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    "--showcase=false",
+    f"--config.data.tfrecord_dir={tfrecord_dir}",
+    "--config.data.eval_canvas=160",
+    "--config.data.shuffle_buffer=16",
+    *args,
+  ]
+
+
+# The shared trained run (tests/conftest.py `trained_tiny_workdir`): TRAINED_STEPS steps of main.py with these
+# flags. tests/test_train.py resumes a copy with the same flags (its bitwise comparison needs the same program).
+TRAINED_STEPS = 4
+TRAINED_SPLITS = ("val", "testA")
+TRAINED_LEARNING_RATE = 1e-3
+TRAINED_FLAGS = (
+  f"--config.data.eval_splits={TRAINED_SPLITS!r}",
+  "--config.eval_every_steps=2",
+  "--config.checkpoint_every_steps=2",
+  "--config.keep_checkpoints=3",
+  "--config.log_every_steps=1",
+  f"--config.learning_rate={TRAINED_LEARNING_RATE}",
+  # ×0.1 at epoch 0.6: step 3 with 43 refs / batch 8, between the two halves of a run resumed at step 2.
+  "--config.lr_decay_epochs=(0.6,)",
+  "--config.eval_shuffled_control=true",
+  "--config.profile_steps=1",
+  "--config.model.freeze_backbone_bn=true",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyDataset:
+  """`make_dataset`'s output: the shard directory and the converter's summary."""
+
+  tfrecord_dir: str
+  summary: Dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  """The shared trained workdir (read-only for tests: copy it with `copy_workdir` to write)."""
+
+  workdir: str
+  dataset: TinyDataset
+  stdout: str  # main.py's output (absl log and the final table).
+  steps: int = TRAINED_STEPS
+  flags: Tuple[str, ...] = TRAINED_FLAGS
+
+  def command(self, workdir: str, *args: str) -> List[str]:
+    """main.py on `workdir` with this run's configuration (the step count first: `args` may override it)."""
+    return main_command(
+      workdir, self.dataset.tfrecord_dir, *self.flags, f"--config.num_train_steps={self.steps}", *args
+    )
+
+
+def build_once(directory: str, build: Callable[[str], Dict[str, Any]], timeout: float = 1800) -> Dict[str, Any]:
+  """Builds `directory` once for every process that asks (pytest-xdist workers), under a file lock.
+
+  `build(directory)` fills the directory and returns JSON metadata, written to `directory`.json when it is done:
+  a process that waited on the lock finds that file and reuses the directory. A failed build is recorded and
+  re-raised to later callers at once (instead of every worker repeating it). Returns the metadata.
+  """
+  import filelock  # pylint: disable=g-import-not-at-top
+
+  done, failed = directory + ".json", directory + ".failed"
+  with filelock.FileLock(directory + ".lock", timeout=timeout):
+    if os.path.exists(failed):
+      with open(failed) as f:
+        raise AssertionError(f"building {directory} failed in another test process:\n{f.read()}")
+    if not os.path.exists(done):
+      shutil.rmtree(directory, ignore_errors=True)  # A build interrupted before it finished.
+      try:
+        metadata = build(directory)
+      except BaseException as e:
+        with open(failed, "w") as f:
+          f.write(f"{type(e).__name__}: {e}"[-8000:])
+        raise
+      with open(done, "w") as f:
+        json.dump(metadata, f)
+  with open(done) as f:
+    return json.load(f)
+
+
+def build_dataset(root: str) -> TinyDataset:
+  """`make_dataset` into `root`/tiny_data, once per `root` (see `build_once`)."""
+
+  def build(directory: str) -> Dict[str, Any]:
+    _, summary = make_dataset(directory)
+    return {"summary": summary}
+
+  directory = os.path.join(root, "tiny_data")
+  metadata = build_once(directory, build)
+  return TinyDataset(os.path.join(directory, "shards"), metadata["summary"])
+
+
+def build_trained_workdir(root: str, dataset: TinyDataset) -> TrainedRun:
+  """main.py for TRAINED_STEPS steps with TRAINED_FLAGS into `root`/trained_tiny, once per `root`."""
+  directory = os.path.join(root, "trained_tiny")
+  log_path = directory + ".log"
+
+  def build(directory: str) -> Dict[str, Any]:
+    run_checked(TrainedRun(directory, dataset, "").command(directory), log_path, TIMEOUT_S)
+    return {}
+
+  build_once(directory, build)
+  with open(log_path) as f:
+    return TrainedRun(directory, dataset, f.read())
+
+
+def copy_workdir(run: TrainedRun, destination: str) -> str:
+  """A writable copy of the shared trained workdir at `destination` (which must not exist); returns it."""
+  shutil.copytree(run.workdir, destination)
+  return destination
+
+
+def tree_listing(directory: str) -> Dict[str, Tuple[int, int]]:
+  """{relative path: (size, mtime_ns)} of every file under `directory`: taken twice, it shows writes."""
+  listing = {}
+  for parent, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(parent, name)
+      stat = os.stat(path)
+      listing[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns)
+  return listing
+
+
+def xla_flags(flags: str, num_devices: int = 1) -> str:
+  """`flags` (an XLA_FLAGS value) with FAST_COMPILE_FLAG, and `num_devices` simulated host devices when > 1."""
+  kept = [flag for flag in flags.split() if not flag.startswith(DEVICE_COUNT_FLAG)]
+  if FAST_COMPILE_FLAG not in kept:
+    kept.append(FAST_COMPILE_FLAG)
   if num_devices > 1:
-    flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+    kept.append(f"{DEVICE_COUNT_FLAG}={num_devices}")
+  return " ".join(kept)
+
+
+def subprocess_env(num_devices: int = 1) -> Dict[str, str]:
+  """The environment of a worker: CPU only, `num_devices` host devices, the test process's XLA flags (fast
+  compiles), TF quiet."""
+  env = dict(os.environ)
   env.update(
     {
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": " ".join(flags),
+      "XLA_FLAGS": xla_flags(os.environ.get("XLA_FLAGS", ""), num_devices),
       "TF_CPP_MIN_LOG_LEVEL": "3",
       "CUDA_VISIBLE_DEVICES": "",
       "PYTHONUNBUFFERED": "1",

@@ -1,0 +1,353 @@
+"""Killed at any moment, nothing lost (fcnet_jax/preemption.py, fcnet_jax/checkpoints.py, the loop of train.py).
+
+The real `main.py` trains configs/tiny.py for 6 steps on the converted synthetic data (a checkpoint every step,
+the learning rate ×0.1 at step 3, dropout on), in subprocesses:
+
+* reference: 6 uninterrupted steps.
+* the chain, one workdir, restarted until done:
+  A. SIGTERM once step 1 is logged: exit status 143, "Preempted at step s", a checkpoint at s and none after;
+  B. SIGKILL while an asynchronous checkpoint write is in flight (a `*.orbax-checkpoint-tmp-*` directory exists;
+     which write is seeded);
+  C. SIGKILL at a seeded random moment after it resumed;
+  then the newest complete checkpoint's files are truncated (corruption), and
+  D. runs to the end: it names the unreadable step, sets it aside, resumes from the one before, removes every
+     half-written directory, and its step-6 checkpoint equals the reference's bit for bit (params, Adam moments
+     and counts, BatchNorm statistics, step, dropout key).
+* non-finite: the finished chain continued to step 8 at learning rate NaN: a one-line error naming step 8 and the
+  last good checkpoint (6), and no checkpoint after 6.
+
+* two processes (main.py --config.distributed=True as a faked 2-task SLURM step, one CPU device each): SIGTERM to
+  process 1 only; both stop at the same step (JAX's preemption sync), save it and exit 143; a single-process
+  restart resumes there (a checkpoint is not tied to its topology) and finishes.
+
+In-process (no model): a full disk while saving (a 1 MiB tmpfs mounted here; tests run as root) raises an error
+naming the step and leaves the earlier checkpoint readable; a corrupt step falls back to the previous one.
+"""
+
+import contextlib
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from fcnet_jax import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnet_jax import preemption  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+STEPS = 6
+TIMEOUT_S = 900
+SEED = 13  # Picks which checkpoint write B is killed in and when C is killed.
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def main_command(workdir: str, tfrecord_dir: str, *overrides: str):
+  return [
+    sys.executable,
+    "main.py",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.tfrecord_dir={tfrecord_dir}",
+    "--config.data.eval_canvas=160",
+    "--config.data.eval_splits=('val',)",
+    "--config.data.shuffle_buffer=16",
+    f"--config.num_train_steps={STEPS}",
+    f"--config.eval_every_steps={STEPS}",
+    "--config.checkpoint_every_steps=1",
+    "--config.keep_checkpoints=3",
+    "--config.log_every_steps=1",
+    "--config.learning_rate=1e-3",
+    "--config.lr_decay_epochs=(0.6,)",
+    "--noshowcase",
+    *overrides,
+  ]
+
+
+class Run:
+  """A main.py subprocess whose output goes to a log file, with helpers to wait for log lines and kill it."""
+
+  def __init__(self, command, log_path: str, env=None):
+    self.log_path = log_path
+    self._log = open(log_path, "w")  # pylint: disable=consider-using-with
+    self.process = subprocess.Popen(
+      command, cwd=train_worker.REPO, env=env or train_worker.subprocess_env(), stdout=self._log,
+      stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+  def text(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
+
+  def wait_for(self, pattern: str, timeout: float = TIMEOUT_S, poll: float = 0.05) -> re.Match:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      match = re.search(pattern, self.text())
+      if match:
+        return match
+      if self.process.poll() is not None:
+        raise AssertionError(f"exited ({self.process.returncode}) before {pattern!r}:\n{self.text()[-4000:]}")
+      time.sleep(poll)
+    raise AssertionError(f"no {pattern!r} within {timeout} s")
+
+  def finish(self, timeout: float = TIMEOUT_S) -> int:
+    try:
+      return self.process.wait(timeout=timeout)
+    finally:
+      if self.process.poll() is None:
+        self.process.kill()
+        self.process.wait()
+      self._log.close()
+
+
+def entries(workdir: str, manager: str = checkpoints_lib.LATEST_DIR):
+  path = os.path.join(workdir, manager)
+  return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def complete_steps(workdir: str):
+  return sorted(int(name) for name in entries(workdir) if name.isdigit())
+
+
+def read_checkpoint(workdir: str, step: int):
+  """Every array of checkpoints/<step> as NumPy, keyed by pytree path."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, checkpoints_lib.LATEST_DIR, str(step), "default"))
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): np.asarray(jax.random.key_data(x) if _is_key(x) else x) for path, x in flat}
+
+
+def _is_key(x) -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def truncate_files(workdir: str, step: int) -> None:
+  """Cuts every file of checkpoints/<step> (but its completion marker) to half its length."""
+  for directory, _, files in os.walk(os.path.join(workdir, checkpoints_lib.LATEST_DIR, str(step), "default")):
+    for name in files:
+      if name != "commit_success.txt":
+        with open(os.path.join(directory, name), "r+b") as f:
+          f.truncate(os.path.getsize(f.name) // 2)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  shards, _ = train_worker.make_dataset(str(tmp_path_factory.mktemp("preemption_data")))
+  return shards
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference") / "workdir")
+  run = Run(main_command(workdir, dataset), workdir + ".log")
+  assert run.finish() == 0, run.text()[-4000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def chain(dataset, tmp_path_factory):
+  """The killed-and-restarted workdir; {"workdir", "A": …, "B": …, "C": …, "D": …} with what each run showed."""
+  root = tmp_path_factory.mktemp("chain")
+  workdir, rng, seen = str(root / "workdir"), random.Random(SEED), {}
+  command = main_command(workdir, dataset)
+
+  # A: SIGTERM once training runs.
+  run = Run(command, str(root / "A.log"))
+  run.wait_for(r"\[1\] train/")
+  run.process.send_signal(signal.SIGTERM)
+  seen["A"] = {"returncode": run.finish(), "log": run.text(), "steps": complete_steps(workdir)}
+
+  # B: SIGKILL in the middle of the n-th checkpoint write of this run.
+  run, nth, writes, was_writing = Run(command, str(root / "B.log")), rng.choice([1, 2]), 0, False
+  while run.process.poll() is None:
+    writing = any(TMP_MARK in name for name in entries(workdir))
+    writes += writing and not was_writing
+    was_writing = writing
+    if writing and writes == nth:
+      run.process.kill()
+      seen["B"] = {"in_flight": [name for name in entries(workdir) if TMP_MARK in name]}
+      break
+    time.sleep(0.001)
+  seen["B"].update(returncode=run.finish(), log=run.text(), steps=complete_steps(workdir), all=entries(workdir))
+
+  # C: SIGKILL at a random moment once it resumed.
+  run = Run(command, str(root / "C.log"))
+  run.wait_for(r"Resumed from step")
+  time.sleep(rng.uniform(0.0, 2.0))
+  run.process.kill()
+  seen["C"] = {"returncode": run.finish(), "log": run.text(), "steps": complete_steps(workdir), "all": entries(workdir)}
+
+  # Corrupt the newest complete checkpoint, then D runs to the end.
+  newest = complete_steps(workdir)[-1]
+  truncate_files(workdir, newest)
+  run = Run(command, str(root / "D.log"))
+  seen["D"] = {"returncode": run.finish(), "log": run.text(), "corrupted": newest}
+  seen["workdir"] = workdir
+  return seen
+
+
+def test_sigterm_saves_the_step_and_exits_143(chain):
+  a = chain["A"]
+  assert a["returncode"] == preemption.PREEMPTED_EXIT_CODE == 143, a["log"][-4000:]
+  stopped = int(re.search(r"Preempted at step (\d+) \(SIGTERM\)", a["log"]).group(1))
+  assert 1 <= stopped < STEPS
+  assert a["steps"][-1] == stopped  # The checkpoint of the stop step, none after it.
+
+
+def test_sigkill_resumes_from_newest_complete_checkpoint(chain):
+  b, c, d = chain["B"], chain["C"], chain["D"]
+  assert b["returncode"] == -signal.SIGKILL and b["in_flight"], b["log"][-4000:]
+  assert any(TMP_MARK in name for name in b["all"])  # B left a half-written step behind...
+  resumed_c = int(re.search(r"Resumed from step (\d+)", c["log"]).group(1))
+  assert resumed_c == b["steps"][-1]  # ...which C ignored: it resumed from the newest complete one.
+  assert not any(TMP_MARK in name for name in c["all"] if name.split(".")[0] in {n.split(".")[0] for n in b["all"]})
+  assert c["returncode"] in (-signal.SIGKILL, 0), c["log"][-4000:]
+  assert d["returncode"] == 0, d["log"][-4000:]
+  workdir = chain["workdir"]
+  assert complete_steps(workdir)[-1] == STEPS
+  for manager in (checkpoints_lib.LATEST_DIR, checkpoints_lib.BEST_DIR):
+    assert not [name for name in entries(workdir, manager) if TMP_MARK in name], manager  # Cleaned up.
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(chain):
+  d, corrupted = chain["D"], chain["D"]["corrupted"]
+  assert re.search(rf"checkpoint of step {corrupted} in \S+ does not read back", d["log"]), d["log"][-4000:]
+  resumed = int(re.search(r"Resumed from step (\d+)", d["log"]).group(1))
+  assert resumed < corrupted
+  assert os.path.isdir(os.path.join(chain["workdir"], f"{checkpoints_lib.CORRUPT_PREFIX}{corrupted}"))
+
+
+def test_interrupted_chain_equals_uninterrupted_run_bitwise(chain, reference):
+  got, want = read_checkpoint(chain["workdir"], STEPS), read_checkpoint(reference, STEPS)
+  assert got.keys() == want.keys() and len(want) > 100
+  assert [key for key in want if not np.array_equal(got[key], want[key])] == []
+  assert int(want["['step']"]) == STEPS
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(chain, dataset, tmp_path):
+  workdir = str(tmp_path / "workdir")
+  shutil.copytree(chain["workdir"], workdir)
+  command = main_command(workdir, dataset, "--config.num_train_steps=8", "--config.learning_rate=nan")
+  command.append("--config.checkpoint_every_steps=2")  # Step 7's (NaN) state is not due; step 8's loss is NaN.
+  run = Run(command, str(tmp_path / "E.log"))
+  assert run.finish() == 1
+  error = run.text().strip().splitlines()[-1]
+  assert error.startswith("error: NonFiniteError: the training loss is not finite at step 8"), error
+  assert "the last good checkpoint is step 6 in " in error
+  assert complete_steps(workdir)[-1] == STEPS
+
+
+def slurm_env(process_id: int, port: int):
+  """Process `process_id` of a 2-task SLURM job step on this machine: what `jax.distributed.initialize()` (main.py
+  with --config.distributed=True) detects by itself; the coordinator address is given because SLURM's default port
+  is derived from the job id. One CPU device per process: with 4 each (8 in all), setting up the CPU collectives
+  (Gloo) twice out of three tries exceeded its fixed 30 s timeout on a loaded 2-core machine."""
+  env = train_worker.subprocess_env(num_devices=1)
+  env.update(
+    SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(process_id),
+    SLURM_LOCALID=str(process_id), SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+  )  # fmt: skip
+  return env
+
+
+def test_two_processes_agree_on_the_stop_step_and_resume(dataset, reference, tmp_path):
+  """SIGTERM to process 1 only: both stop at the same step (JAX's preemption sync), save it, exit 143. The restart
+  (one process, one device: a checkpoint is not tied to its topology) resumes there and finishes."""
+  workdir = str(tmp_path / "workdir")
+  port = train_worker.free_port()
+  command = main_command(workdir, dataset, "--config.distributed=True")
+  runs = [Run(command, str(tmp_path / f"process_{i}.log"), env=slurm_env(i, port)) for i in range(2)]
+  runs[1].wait_for(r"\[1\] train/")
+  runs[1].process.send_signal(signal.SIGTERM)
+  codes = [run.finish() for run in runs]
+  assert codes == [preemption.PREEMPTED_EXIT_CODE] * 2, [run.text()[-3000:] for run in runs]
+  assert [f"JAX process {i} / 2" in run.text() for i, run in enumerate(runs)] == [True, True]
+  stops = {int(re.search(r"Preempted at step (\d+)", run.text()).group(1)) for run in runs}
+  assert len(stops) == 1 and complete_steps(workdir)[-1] == min(stops) < STEPS, stops
+
+  resumed = Run(main_command(workdir, dataset), str(tmp_path / "resumed.log"))
+  assert resumed.finish() == 0, resumed.text()[-3000:]
+  assert f"Resumed from step {min(stops)}" in resumed.text()
+  got = read_checkpoint(workdir, STEPS)
+  assert got.keys() == read_checkpoint(reference, STEPS).keys() and int(got["['step']"]) == STEPS
+  assert all(np.isfinite(value).all() for value in got.values() if np.issubdtype(value.dtype, np.floating))
+  # Every step logged once, across the two runs. (The values are not the reference's: with two processes each reads
+  # its own part of the shards, so the batches differ; tests/test_distributed.py feeds explicit batches for that.)
+  assert sorted(train_worker.read_scalars(workdir)["train/loss"]) == list(range(1, STEPS + 1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In-process: the checkpoint layer alone, on small NumPy trees.
+
+
+def _tree(size: int, value: float):
+  """Random (incompressible: Orbax compresses) weights, except the first, `value`."""
+  w = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+  w[0] = value
+  return {"w": w, "step": np.asarray(3, np.int32)}
+
+
+@contextlib.contextmanager
+def small_disk(path):
+  """A 1 MiB file system at `path`: a tmpfs mount (root), else a 1 MiB limit on the size of any file this process
+  writes (RLIMIT_FSIZE: writes past it fail with EFBIG, SIGXFSZ ignored). Yields "full" or "too large", the
+  words of the error each gives."""
+  path.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
+  if mounted.returncode == 0:
+    try:
+      yield "full"
+    finally:
+      subprocess.run(["umount", "-l", str(path)], check=False)
+    return
+  limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+  try:
+    yield "too large"
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_full_disk_error_names_the_step_and_keeps_earlier_checkpoints(tmp_path):
+  workdir = str(tmp_path / "small_disk" / "workdir")
+  with small_disk(tmp_path / "small_disk") as words:
+    checkpoints = checkpoints_lib.Checkpoints(workdir, keep=3)
+    checkpoints.save_latest(1, _tree(1000, 1.0))
+    checkpoints.wait()
+    with pytest.raises(checkpoints_lib.CheckpointSaveError, match=rf"step 2 .*failed.*{words}.*steps \[1\]\) are"):
+      checkpoints.save_latest(2, _tree(1_000_000, 2.0))  # 4 MB of random floats on a 1 MiB disk.
+      checkpoints.wait()
+    reread = checkpoints_lib.Checkpoints(workdir, keep=3)
+    assert reread.latest_step() == 1
+    np.testing.assert_array_equal(reread.restore_newest(_tree(1000, 0.0))["w"], _tree(1000, 1.0)["w"])
+
+
+def test_restore_newest_skips_a_corrupt_step(tmp_path):
+  workdir = str(tmp_path / "workdir")
+  checkpoints = checkpoints_lib.Checkpoints(workdir, keep=3)
+  for step in (1, 2):
+    checkpoints.save_latest(step, _tree(100, float(step)))
+  checkpoints.wait()
+  truncate_files(workdir, 2)
+  restored = checkpoints_lib.Checkpoints(workdir, keep=3).restore_newest(_tree(100, 0.0))
+  np.testing.assert_array_equal(restored["w"], _tree(100, 1.0)["w"])
+  assert os.path.isdir(os.path.join(workdir, f"{checkpoints_lib.CORRUPT_PREFIX}2", "default"))
+  # With no readable step left, the error names each one.
+  truncate_files(workdir, 1)
+  with pytest.raises(ValueError, match=r"no checkpoint in .* reads back: step 1: "):
+    checkpoints_lib.Checkpoints(workdir, keep=3).restore_newest(_tree(100, 0.0))
