@@ -55,10 +55,17 @@ os.environ["XLA_FLAGS"] = train_worker.xla_flags(os.environ.get("XLA_FLAGS", "")
 # files in collection order; starting the longest ones first lets both workers finish together (its default order,
 # by number of tests, put these few-test files last). Files not listed keep their order, after these.
 HEAVY_FILES_FIRST = (
+  "test_preemption.py",
   "test_distributed.py",
   "test_init_from.py",
   "test_train.py",
   "test_eval_paths.py",
+  "test_export.py",
+  "test_swin.py",
+  "test_demo.py",
+  "test_predict.py",
+  "test_convert_kill.py",
+  "test_convert.py",
   "test_benchmark.py",
 )
 

@@ -57,6 +57,12 @@ def copy_delete_renames():
   gcsfs.GCSFileSystem._mv_file, gcsfs.GCSFileSystem.mv_file = saved
 
 
+def _epath_backend_choice():
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+
+  return gpath._is_tf_installed  # pylint: disable=protected-access
+
+
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory, copy_delete_renames):
   """gs://BUCKET on a fresh emulator; the endpoint variables are set in this process while the module runs."""
@@ -81,6 +87,9 @@ def bucket(tmp_path_factory, copy_delete_renames):
           raise
         time.sleep(0.2)
     os.environ.update(emulator_env(url))
+    # epath decides once per process (functools.cache) whether TensorFlow's gfile serves gs://; an earlier test of
+    # this process may already have decided with EPATH_USE_TF unset, so forget that decision now and afterwards.
+    _epath_backend_choice().cache_clear()
     yield f"gs://{BUCKET}"
   finally:
     for name, value in saved.items():
@@ -88,6 +97,7 @@ def bucket(tmp_path_factory, copy_delete_renames):
         os.environ.pop(name, None)
       else:
         os.environ[name] = value
+    _epath_backend_choice().cache_clear()
     server.terminate()
     server.wait(timeout=30)
     log.close()
