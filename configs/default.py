@@ -66,9 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 4096
   config.data.eval_canvas = 640  # Original-size canvas for evaluation (COCO images are ≤ 640 a side).
   config.data.letterbox = "integer"  # "integer" (ours) | "cris" (CRIS's float affine, cubic; docs/data.md).
-  # Training batches decoded on the host into a 640×640 canvas and letterboxed on the device (input_pipeline/
-  # host_decode.py, data.letterbox_on_device): ~2.2× the examples per host CPU-second ("integer" letterbox only).
-  config.data.device_letterbox = False
+  # Training batches decoded on the host into an eval_canvas² canvas and letterboxed on the device (input_pipeline/
+  # host_decode.py, data.letterbox_on_device): ~2× the examples per host CPU-second. Used with the "integer"
+  # letterbox on record format 2 shards; otherwise the host letterboxes (logged). False: always on the host.
+  config.data.device_letterbox = True
   # Embedded synthetic refer-format data (configs/demo.py): generated + converted into the workdir when
   # tfrecord_dir is empty.
   config.data.synthetic = False

@@ -16,6 +16,7 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Tuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -176,6 +177,7 @@ class DataSource:
     self.config, self.workdir = config, workdir
     self._train_iter_fn, self._split_sizes = train_iter_fn, split_sizes
     self._tfrecord_dir: Optional[str] = None
+    self._summary: Optional[Mapping[str, Any]] = None
 
   @property
   def tfrecord_dir(self) -> str:
@@ -198,13 +200,37 @@ class DataSource:
 
     return pipeline
 
+  def _info(self) -> Mapping[str, Any]:
+    """The shards' summary (checked against config.data.dataset / split_by), read once."""
+    if self._summary is None:
+      d = self.config.data
+      self._summary = self._pipeline().dataset_info(self.tfrecord_dir, dataset=d.dataset, split_by=d.split_by)
+    return self._summary
+
   def split_sizes(self) -> Mapping[str, Mapping[str, int]]:
     """{split: {"refs", "sentences", …}}; the shards must be of config.data.dataset / split_by."""
     if self._split_sizes is None:
-      d = self.config.data
-      info = self._pipeline().dataset_info(self.tfrecord_dir, dataset=d.dataset, split_by=d.split_by)
-      self._split_sizes = info["splits"]
+      self._split_sizes = self._info()["splits"]
     return self._split_sizes
+
+  def device_letterbox(self) -> bool:
+    """Whether the training batches are letterboxed on the device (`letterbox_on_device`) rather than the host.
+
+    `config.data.device_letterbox` asks for it; it is used where it reproduces the host's letterbox: the
+    "integer" letterbox on record format 2 shards. Otherwise the host letterboxes (the same batches, more host
+    CPU), and the log says why.
+    """
+    c = self.config
+    if not c.data.get("device_letterbox", False):
+      return False
+    why_not = None
+    if c.data.letterbox != "integer":
+      why_not = f"config.data.letterbox={c.data.letterbox!r} (only 'integer' is reproduced on the device)"
+    elif self._pipeline().metadata.format_version(self._info()) < 2:
+      why_not = f"{self.tfrecord_dir} holds record format 1 shards (convert again for format 2's mask crops)"
+    if why_not:
+      logging.info("Training batches are letterboxed on the host: %s.", why_not)
+    return why_not is None
 
   def train(self, start_step: int) -> Iterator[Batch]:
     """The training stream from `start_step` on (a restarted run continues where it stopped)."""
@@ -224,7 +250,7 @@ class DataSource:
       start_step=start_step,
       letterbox_mode=c.data.letterbox,
       # The fast path: batches that the step must pass through `letterbox_on_device` first.
-      device_letterbox=c.data.get("device_letterbox", False),
+      device_letterbox=self.device_letterbox(),
       canvas=c.data.eval_canvas,
     )
 

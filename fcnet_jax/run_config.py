@@ -62,13 +62,26 @@ def from_json(document: Mapping[str, Any], source: str = "config.json") -> Any:
   return ml_collections.ConfigDict(_with_defaults(_tuples(dict(document["config"]))))
 
 
+# Fields whose configs/default.py value is not what a run saved before the field existed did.
+BEFORE_FIELD_EXISTED = {"data.device_letterbox": False}  # Added off; on by default since record format 2 shards.
+
+
 def _with_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
   """`saved` plus the current defaults (configs/default.py) of fields added since it was written.
 
   New fields default to the behaviour from before they existed (e.g. `model.backbone` = the CLIP ResNet), so an
-  older run's config.json rebuilds the same model.
+  older run's config.json rebuilds the same model; where a field was added with that behaviour and its default
+  changed later, `BEFORE_FIELD_EXISTED` holds the old value.
   """
   from configs import default  # pylint: disable=g-import-not-at-top
+
+  defaults = default.get_config().to_dict()
+  for dotted, value in BEFORE_FIELD_EXISTED.items():
+    *parents, name = dotted.split(".")
+    node = defaults
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
 
   def fill(values: Dict[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
     out = dict(values)
@@ -79,7 +92,7 @@ def _with_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
         out[key] = fill(out[key], value)
     return out
 
-  return fill(saved, default.get_config().to_dict())
+  return fill(saved, defaults)
 
 
 def path(directory: fileio.PathLike) -> fileio.epath.Path:

@@ -227,3 +227,26 @@ def test_throughput_compares_both_paths_in_one_process(data_dir):
   for result in results["old"] + results["new"]:
     assert result["examples_per_s"] > 0 and result["examples_per_cpu_s"] > 0 and result["cores"] == 1
   assert throughput.device_letterbox_seconds(batch_size=2, image_size=32, canvas=CANVAS, repeats=1) > 0
+
+
+def test_data_source_letterboxes_on_the_device_where_it_reproduces_the_host(data_dir, tmp_path):
+  """config.data.device_letterbox (on by default) is used for the integer letterbox on format 2 shards; a "cris"
+  run or format 1 shards letterbox on the host, and the batches then hold `image` (no `image_raw`)."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+
+  old = str(tmp_path / "format1")
+  _write(old, format_version=1)
+
+  def source(tfrecord_dir, **data):
+    config = tiny.get_config()
+    config.data.update(tfrecord_dir=tfrecord_dir, eval_canvas=CANVAS, shuffle_buffer=4, **data)
+    config.update(batch_size=4)
+    return data_lib.DataSource(config)
+
+  assert tiny.get_config().data.device_letterbox is True
+  cases = [(data_dir, {}, True), (data_dir, {"letterbox": "cris"}, False), (old, {}, False)]
+  cases.append((data_dir, {"device_letterbox": False}, False))
+  for tfrecord_dir, data, expected in cases:
+    batch = next(iter(source(tfrecord_dir, **data).train(0)))
+    assert source(tfrecord_dir, **data).device_letterbox() is expected, data
+    assert ("image_raw" in batch, "image" in batch) == (expected, not expected), data

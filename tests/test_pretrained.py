@@ -9,6 +9,7 @@ compiles a model: errors are raised before any restore, and the restore of a mis
 """
 
 import ast
+import json
 import os
 import shutil
 
@@ -72,6 +73,18 @@ def test_save_load_round_trip(tmp_path):
   config.data.eval_splits = ("val", "testB")
   run_config.save(config, tmp_path)
   assert run_config.load(tmp_path).to_dict() == config.to_dict()
+
+
+def test_fields_added_later_get_the_behaviour_from_before_they_existed(tmp_path):
+  config = tiny.get_config()
+  run_config.save(config, tmp_path)
+  document = json.loads((tmp_path / run_config.CONFIG_FILE).read_text())
+  del document["config"]["data"]["device_letterbox"], document["config"]["model"]["backbone"]
+  (tmp_path / run_config.CONFIG_FILE).write_text(json.dumps(document))
+  loaded = run_config.load(tmp_path)
+  assert loaded.data.device_letterbox is False and config.data.device_letterbox is True  # Its default changed.
+  assert loaded.model.backbone == config.model.backbone == "clip_resnet"
+  assert loaded.to_dict().keys() == config.to_dict().keys()
 
 
 def test_old_workdir_without_config_names_the_flag(trained_tiny_workdir, tmp_path):
