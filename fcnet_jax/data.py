@@ -38,47 +38,11 @@ def model_inputs(batch: Batch, dtype: Any) -> Tuple[jax.Array, jax.Array]:
   return image_ops.normalize_images(batch["image"], dtype), batch["tokens"]
 
 
-def _resize_taps(out_size: int, size: jax.Array, resized: jax.Array, start: jax.Array):
-  """tf.image.resize's bilinear taps (half-pixel centres, no antialias) along one axis of the letterbox.
-
-  Canvas index i shows resized pixel i − start, which samples source coordinate (i − start + 0.5)·size/resized
-  − 0.5 in float32, as TensorFlow's kernel computes it. Returns (lower, upper, lerp, inside) per canvas index.
-  """
-  index = jnp.arange(out_size, dtype=jnp.int32) - start
-  scale = size.astype(jnp.float32) / resized.astype(jnp.float32)
-  # The barrier keeps XLA from fusing the product and the sum into one FMA, which would round differently.
-  source = jax.lax.optimization_barrier((index.astype(jnp.float32) + 0.5) * scale) - 0.5
-  floor = jnp.floor(source)
-  lower = jnp.maximum(floor, 0.0).astype(jnp.int32)
-  upper = jnp.minimum(jnp.ceil(source).astype(jnp.int32), size - 1)
-  return lower, upper, source - floor, (index >= 0) & (index < resized)
-
-
-def _bilinear(at: Callable[[jax.Array, jax.Array], jax.Array], rows, cols) -> jax.Array:
-  """TensorFlow's bilinear formula, in its order and without FMA, over the S×S canvas (× channels).
-
-  `at(ys, xs)` gathers the source pixels (ys[i], xs[j]) as float32. Per canvas pixel: top = top_left + (top_right −
-  top_left)·x_lerp, bottom likewise, value = top + (bottom − top)·y_lerp. (Slicing whole rows first and gathering
-  only columns measured ~2× slower on the CPU.)
-  """
-  (lower_y, upper_y, lerp_y, _), (lower_x, upper_x, lerp_x, _) = rows, cols
-  top_left, top_right = at(lower_y, lower_x), at(lower_y, upper_x)
-  bottom_left, bottom_right = at(upper_y, lower_x), at(upper_y, upper_x)
-  extra = (1,) * (top_left.ndim - 2)
-  lerp_x, lerp_y = lerp_x.reshape((1, -1) + extra), lerp_y.reshape((-1, 1) + extra)
-  # The barriers keep XLA from fusing a product and the following sum into one FMA, which would round differently.
-  top_step, bottom_step = jax.lax.optimization_barrier(
-    ((top_right - top_left) * lerp_x, (bottom_right - bottom_left) * lerp_x)
-  )
-  top, bottom = top_left + top_step, bottom_left + bottom_step
-  return top + jax.lax.optimization_barrier((bottom - top) * lerp_y)
-
-
 def _letterbox_one(image_raw, mask_raw, mask_box, orig_hw, resized_hw, offset, image_size: int):
   """One example of `letterbox_on_device`: (S×S×3 uint8 image, S×S uint8 0/1 mask)."""
   height, width = orig_hw[0], orig_hw[1]
-  rows = _resize_taps(image_size, height, resized_hw[0], offset[0])
-  cols = _resize_taps(image_size, width, resized_hw[1], offset[1])
+  rows = letterbox.bilinear_canvas_taps(image_size, height, resized_hw[0], offset[0], xp=jnp)
+  cols = letterbox.bilinear_canvas_taps(image_size, width, resized_hw[1], offset[1], xp=jnp)
   inside = rows[3][:, None] & cols[3][None, :]
 
   def image_at(ys, xs):  # Pixel (y, x) of the row-major h×w×3 image at the start of image_raw.
@@ -94,9 +58,9 @@ def _letterbox_one(image_raw, mask_raw, mask_box, orig_hw, resized_hw, offset, i
     return jnp.where(valid, mask_raw[flat], 0).astype(jnp.float32)
 
   # Bilinear weights are convex, so the rounded values stay in [0, 255] (as on the host).
-  resized = jnp.round(_bilinear(image_at, rows, cols)).astype(jnp.uint8)
+  resized = jnp.round(letterbox.bilinear_canvas(image_at, rows, cols, xp=jnp)).astype(jnp.uint8)
   image = jnp.where(inside[..., None], resized, jnp.asarray(MEAN_RGB_UINT8, jnp.uint8))
-  mask = jnp.where(inside, _bilinear(mask_at, rows, cols) >= 0.5, False).astype(jnp.uint8)
+  mask = jnp.where(inside, letterbox.bilinear_canvas(mask_at, rows, cols, xp=jnp) >= 0.5, False).astype(jnp.uint8)
   return image, mask
 
 

@@ -21,12 +21,14 @@ are written here as per-axis taps (index, weight, valid) that reproduce the two 
 Every function takes `xp` (numpy or jax.numpy), so the input pipeline and the jitted evaluation share one
 definition of the geometry.
 
-`integer_letterbox` is the "integer" letterbox of the input pipeline's images (`input_pipeline.preprocess`,
-`tf.image.resize` bilinear with half-pixel centres, no antialias, rounded half to even) in NumPy, bit for bit,
-for prediction without TensorFlow (`fcnet_jax.predict`); `letterbox_image` picks either mode's image letterbox.
+`bilinear_canvas_taps` and `bilinear_canvas` are the "integer" letterbox's resize (`tf.image.resize` bilinear with
+half-pixel centres, no antialias) in TensorFlow's float32 arithmetic, bit for bit, for NumPy and jax alike:
+`integer_letterbox` (prediction without TensorFlow, `fcnet_jax.predict`) and the jitted
+`fcnet_jax.data.letterbox_on_device` (the training path that ships decoded images) are both built on them.
+`letterbox_image` picks either mode's image letterbox.
 """
 
-from typing import Any, Tuple
+from typing import Any, Callable, Tuple
 
 import numpy as np
 
@@ -211,37 +213,49 @@ def integer_geometry(height: int, width: int, size: int) -> Tuple[Tuple[int, int
   return (resized_h, resized_w), ((size - resized_h) // 2, (size - resized_w) // 2)
 
 
-def _bilinear_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """TensorFlow's bilinear taps along one axis (half-pixel centres), in its float32 arithmetic: lower, upper, lerp.
+def _no_fma(value: Any, xp: Any) -> Any:
+  """`value`, kept from being fused with the next addition into one FMA (which rounds once instead of twice) by XLA;
+  NumPy never fuses."""
+  if xp is np:
+    return value
+  import jax  # pylint: disable=g-import-not-at-top
 
-  Output index i samples source coordinate (i + 0.5)·(in/out) − 0.5; the taps are floor and ceil of it clamped to
-  the image, the weight of the upper tap is its fraction.
+  return jax.lax.optimization_barrier(value)
+
+
+def bilinear_canvas_taps(canvas: int, size: Any, resized: Any, start: Any, xp: Any = np) -> Tuple[Any, Any, Any, Any]:
+  """TensorFlow's bilinear taps (half-pixel centres, no antialias) along one axis of an integer letterbox.
+
+  An image axis of `size` pixels is resized to `resized` and pasted at `start` on a `canvas`-pixel axis: canvas
+  index i shows resized pixel i − start, which samples source coordinate (i − start + 0.5)·size/resized − 0.5 in
+  float32, as TensorFlow's kernel computes it; the taps are its floor and ceil clamped to the image, the upper
+  tap's weight its fraction. Returns (lower, upper, lerp, inside) per canvas index. Sizes may be traced (xp=jnp).
   """
-  scale = np.float32(in_size) / np.float32(out_size)
-  source = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-  floor = np.floor(source)
-  lower = np.maximum(floor.astype(np.int64), 0)
-  upper = np.minimum(np.ceil(source).astype(np.int64), in_size - 1)
-  return lower, upper, (source - floor).astype(np.float32)
+  index = xp.arange(canvas, dtype=xp.int32) - start
+  scale = xp.asarray(size, xp.float32) / xp.asarray(resized, xp.float32)
+  source = _no_fma((index.astype(xp.float32) + xp.float32(0.5)) * scale, xp) - xp.float32(0.5)
+  floor = xp.floor(source)
+  # Clamped to the image (on the padding too, whose taps are computed and then discarded: valid indices there).
+  lower = xp.clip(floor.astype(xp.int32), 0, size - 1)
+  upper = xp.clip(xp.ceil(source).astype(xp.int32), 0, size - 1)
+  return lower, upper, (source - floor).astype(xp.float32), (index >= 0) & (index < resized)
 
 
-def resize_bilinear(image: np.ndarray, out_hw: Tuple[int, int]) -> np.ndarray:
-  """`tf.image.resize(image, out_hw, "bilinear", antialias=False)` of an h×w×C image: float32, bit for bit.
+def bilinear_canvas(at: Callable[[Any, Any], Any], rows, cols, xp: Any = np) -> Any:
+  """TensorFlow's bilinear formula, in its operation order and without FMA, over the canvas (× channels).
 
-  TensorFlow interpolates along the columns of the two source rows, then between those rows, each as
-  a + (b − a)·t in float32; the same operations in the same order here give the same floats.
+  `rows` and `cols` are `bilinear_canvas_taps`; `at(ys, xs)` gathers the source pixels (ys[i], xs[j]) as float32.
+  Per canvas pixel: top = top_left + (top_right − top_left)·x_lerp, bottom likewise, value = top + (bottom −
+  top)·y_lerp: the same float32 operations as `tf.image.resize`, so the same values bit for bit.
   """
-  rows_lo, rows_hi, row_t = _bilinear_taps(image.shape[0], out_hw[0])
-  cols_lo, cols_hi, col_t = _bilinear_taps(image.shape[1], out_hw[1])
-  col_t = col_t[None, :, None]
-
-  def along_columns(rows: np.ndarray) -> np.ndarray:
-    source = image[rows].astype(np.float32)
-    left, right = source[:, cols_lo], source[:, cols_hi]
-    return left + (right - left) * col_t
-
-  top, bottom = along_columns(rows_lo), along_columns(rows_hi)
-  return top + (bottom - top) * row_t[:, None, None]
+  (lower_y, upper_y, lerp_y, _), (lower_x, upper_x, lerp_x, _) = rows, cols
+  top_left, top_right = at(lower_y, lower_x), at(lower_y, upper_x)
+  bottom_left, bottom_right = at(upper_y, lower_x), at(upper_y, upper_x)
+  extra = (1,) * (top_left.ndim - 2)
+  lerp_x, lerp_y = lerp_x.reshape((1, -1) + extra), lerp_y.reshape((-1, 1) + extra)
+  top_step, bottom_step = _no_fma(((top_right - top_left) * lerp_x, (bottom_right - bottom_left) * lerp_x), xp)
+  top, bottom = top_left + top_step, bottom_left + bottom_step
+  return top + _no_fma((bottom - top) * lerp_y, xp)
 
 
 def integer_letterbox(
@@ -250,15 +264,16 @@ def integer_letterbox(
   """The integer letterbox of a uint8 h×w×3 image: (S×S×3 uint8 canvas, (nh, nw), (top, left)).
 
   Equals `input_pipeline.preprocess.letterbox(image, mask, S)["image"]` bit for bit (tests/test_predict.py):
-  bilinear resize to (nh, nw) (`resize_bilinear`), rounded half to even, pasted at (top, left) on a canvas of
-  `mean_rgb`.
+  bilinear resize to (nh, nw) (`bilinear_canvas`, the device letterbox's code), rounded half to even, at (top,
+  left) on a canvas of `mean_rgb`.
   """
   (resized_h, resized_w), (top, left) = integer_geometry(image.shape[0], image.shape[1], size)
-  resized = np.round(resize_bilinear(image, (resized_h, resized_w))).astype(np.uint8)  # Convex weights: in range.
-  canvas = np.empty((size, size, 3), np.uint8)
-  canvas[...] = np.asarray(mean_rgb, np.uint8)
-  canvas[top : top + resized_h, left : left + resized_w] = resized
-  return canvas, (resized_h, resized_w), (top, left)
+  rows = bilinear_canvas_taps(size, image.shape[0], resized_h, top)
+  cols = bilinear_canvas_taps(size, image.shape[1], resized_w, left)
+  resized = bilinear_canvas(lambda ys, xs: image[ys[:, None], xs[None, :]].astype(np.float32), rows, cols)
+  inside = rows[3][:, None] & cols[3][None, :]
+  canvas = np.where(inside[..., None], np.round(resized), np.asarray(mean_rgb, np.float32))  # Convex: in range.
+  return canvas.astype(np.uint8), (resized_h, resized_w), (top, left)
 
 
 def letterbox_image(image: np.ndarray, size: int, mode: str) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
