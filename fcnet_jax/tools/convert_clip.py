@@ -25,7 +25,7 @@ from fcnet_jax import fileio
 from fcnet_jax.weights import clip
 
 
-def _check_destination(out: fileio.PathLike, overwrite: bool) -> None:
+def check_destination(out: fileio.PathLike, overwrite: bool) -> None:
   """Fails when `out` may not be replaced (a non-empty folder without `overwrite`, or a file)."""
   out = fileio.as_path(out)
   if not out.exists():
@@ -44,7 +44,7 @@ def convert_checkpoint(
   Returns:
     (conversion report, preview of loading it into the config's model, the text also written to report.txt).
   """
-  _check_destination(out, overwrite)  # Fail before the slow part.
+  check_destination(out, overwrite)  # Fail before the slow part.
   state_dict, source_format = clip.read_state_dict(src)
   pretrained, conversion = clip.convert_openai_state_dict(state_dict, config, source=src, source_format=source_format)
   del state_dict
@@ -55,7 +55,7 @@ def convert_checkpoint(
     f"context_length={model_config.context_length} (what training with config.init_from does):\n{preview}"
   )
   report_json = {"conversion": conversion.to_dict(), "load_preview": preview.to_dict()}
-  _check_destination(out, overwrite)  # Again: another process may have written it meanwhile.
+  check_destination(out, overwrite)  # Again: another process may have written it meanwhile.
   # The old --out stays until the new one is complete (`atomic_output(replace=True)`).
   with fileio.atomic_output(out, directory=True, replace=True) as tmp:
     clip.save_converted(tmp, pretrained, text, report_json)

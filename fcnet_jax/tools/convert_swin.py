@@ -36,7 +36,7 @@ def convert_checkpoint(
   Returns:
     (Swin conversion report, text conversion report, preview of loading into the config's model, report.txt text).
   """
-  convert_clip._check_destination(out, overwrite)  # pylint: disable=protected-access  # Fail before the slow part.
+  convert_clip.check_destination(out, overwrite)  # Fail before the slow part.
   swin_sd, swin_format = swin.read_swin_state_dict(src)
   clip_sd, clip_format = formats.read_state_dict(clip_src)
   pretrained, image_report, text_report = swin.convert_swin_state_dicts(
@@ -55,7 +55,7 @@ def convert_checkpoint(
     "text_conversion": text_report.to_dict(),
     "load_preview": preview.to_dict(),
   }
-  convert_clip._check_destination(out, overwrite)  # pylint: disable=protected-access
+  convert_clip.check_destination(out, overwrite)
   with fileio.atomic_output(out, directory=True, replace=True) as tmp:
     store.save_converted(tmp, pretrained, text, report_json)
   return image_report, text_report, preview, text

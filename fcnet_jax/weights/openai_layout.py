@@ -151,11 +151,11 @@ Transform = Callable[[np.ndarray], np.ndarray]
 _Entries = List[Tuple[VariablePath, str, Transform, int]]
 
 
-def _conv(w: np.ndarray) -> np.ndarray:
+def conv_kernel(w: np.ndarray) -> np.ndarray:
   return w.transpose(2, 3, 1, 0)  # OIHW → HWIO.
 
 
-def _dense(w: np.ndarray) -> np.ndarray:
+def dense_kernel(w: np.ndarray) -> np.ndarray:
   return w.T  # (out, in) → (in, out).
 
 
@@ -187,17 +187,17 @@ def _drop_class_position(pos: np.ndarray) -> np.ndarray:
   return pos[1:]  # CRIS's pool has no class token: only the g×g spatial positions are used.
 
 
-def _identity(x: np.ndarray) -> np.ndarray:
+def identity(x: np.ndarray) -> np.ndarray:
   return x
 
 
 def _conv_bn_entries(ours: VariablePath, conv_key: str, bn_prefix: str) -> _Entries:
   return [
-    (("params",) + ours + ("conv", "kernel"), conv_key, _conv, 4),
-    (("params",) + ours + ("bn", "scale"), f"{bn_prefix}.weight", _identity, 1),
-    (("params",) + ours + ("bn", "bias"), f"{bn_prefix}.bias", _identity, 1),
-    (("batch_stats",) + ours + ("bn", "mean"), f"{bn_prefix}.running_mean", _identity, 1),
-    (("batch_stats",) + ours + ("bn", "var"), f"{bn_prefix}.running_var", _identity, 1),
+    (("params",) + ours + ("conv", "kernel"), conv_key, conv_kernel, 4),
+    (("params",) + ours + ("bn", "scale"), f"{bn_prefix}.weight", identity, 1),
+    (("params",) + ours + ("bn", "bias"), f"{bn_prefix}.bias", identity, 1),
+    (("batch_stats",) + ours + ("bn", "mean"), f"{bn_prefix}.running_mean", identity, 1),
+    (("batch_stats",) + ours + ("bn", "var"), f"{bn_prefix}.running_var", identity, 1),
   ]
 
 
@@ -234,22 +234,22 @@ def _image_entries(vision_layers: Sequence[int], heads: int) -> _Entries:
       2,
     )
   )
-  entries.append((pool + ("attn", "c_proj", "bias"), "visual.attnpool.c_proj.bias", _identity, 1))
+  entries.append((pool + ("attn", "c_proj", "bias"), "visual.attnpool.c_proj.bias", identity, 1))
   return entries
 
 
-def _text_entries(text_layers: int, heads: int) -> _Entries:
+def text_entries(text_layers: int, heads: int) -> _Entries:
   text = ("params", "text_encoder")
   entries: _Entries = [
-    (text + ("token_embedding", "embedding"), "token_embedding.weight", _identity, 2),
-    (loading.TEXT_POSITIONS, "positional_embedding", _identity, 2),
+    (text + ("token_embedding", "embedding"), "token_embedding.weight", identity, 2),
+    (loading.TEXT_POSITIONS, "positional_embedding", identity, 2),
   ]
   for i in range(text_layers):
     src, ours = f"transformer.resblocks.{i}", text + (f"resblocks_{i}",)
     for ln in ("ln_1", "ln_2"):
       entries += [
-        (ours + (ln, "scale"), f"{src}.{ln}.weight", _identity, 1),
-        (ours + (ln, "bias"), f"{src}.{ln}.bias", _identity, 1),
+        (ours + (ln, "scale"), f"{src}.{ln}.weight", identity, 1),
+        (ours + (ln, "bias"), f"{src}.{ln}.bias", identity, 1),
       ]
     for part, name in enumerate(("query", "key", "value")):
       entries += [
@@ -268,17 +268,17 @@ def _text_entries(text_layers: int, heads: int) -> _Entries:
       ]
     entries += [
       (ours + ("attn", "out", "kernel"), f"{src}.attn.out_proj.weight", functools.partial(_heads_out, heads=heads), 2),
-      (ours + ("attn", "out", "bias"), f"{src}.attn.out_proj.bias", _identity, 1),
+      (ours + ("attn", "out", "bias"), f"{src}.attn.out_proj.bias", identity, 1),
     ]
     for fc in ("c_fc", "c_proj"):
       entries += [
-        (ours + (fc, "kernel"), f"{src}.mlp.{fc}.weight", _dense, 2),
-        (ours + (fc, "bias"), f"{src}.mlp.{fc}.bias", _identity, 1),
+        (ours + (fc, "kernel"), f"{src}.mlp.{fc}.weight", dense_kernel, 2),
+        (ours + (fc, "bias"), f"{src}.mlp.{fc}.bias", identity, 1),
       ]
   entries += [
-    (text + ("ln_final", "scale"), "ln_final.weight", _identity, 1),
-    (text + ("ln_final", "bias"), "ln_final.bias", _identity, 1),
-    (text + ("text_projection",), "text_projection", _identity, 2),
+    (text + ("ln_final", "scale"), "ln_final.weight", identity, 1),
+    (text + ("ln_final", "bias"), "ln_final.bias", identity, 1),
+    (text + ("text_projection",), "text_projection", identity, 2),
   ]  # Used as x @ P: no transpose.
   return entries
 
@@ -311,7 +311,7 @@ def convert_openai_state_dict(
   arch = infer_architecture(state_dict)
   check_architecture(arch, cfg)  # Before the (slower) abstract initialisation of the model.
   expected = flax.traverse_util.flatten_dict(loading.abstract_variables(cfg, encoders_only=True))
-  entries = _image_entries(arch.vision_layers, cfg["vision_heads"]) + _text_entries(arch.text_layers, cfg["text_heads"])
+  entries = _image_entries(arch.vision_layers, cfg["vision_heads"]) + text_entries(arch.text_layers, cfg["text_heads"])
   missing = sorted({key for _, key, _, _ in entries if key not in state_dict})
   if missing:
     raise KeyError(f"CLIP state dict lacks {len(missing)} keys the model needs: {reports.abbreviate(missing)}")
@@ -322,7 +322,7 @@ def convert_openai_state_dict(
   for path, key, transform, ndim in entries:
     if key not in cache:
       cache[key] = formats.to_numpy(state_dict[key])
-    array = _converted(
+    array = convert_entry(
       cache[key],
       transform,
       ndim,
@@ -362,7 +362,7 @@ def convert_openai_state_dict(
   return flax.traverse_util.unflatten_dict(flat), report
 
 
-def _converted(
+def convert_entry(
   source: np.ndarray, transform: Transform, ndim: int, target: Sequence[int], positional: bool
 ) -> Optional[np.ndarray]:
   """transform(source) when it fits the model's `target` shape, else None. Positional embeddings are fitted to

@@ -131,7 +131,7 @@ def check_swin_architecture(arch: SwinArchitecture, cfg: Mapping[str, Any]) -> N
 
 def _swin_entries(arch: SwinArchitecture) -> List[Tuple[VariablePath, str, Any, int]]:
   """(our path, their key, transform, the key's number of dimensions) for every Swin variable of the model."""
-  conv, dense, same = openai_layout._conv, openai_layout._dense, openai_layout._identity  # pylint: disable=protected-access
+  conv, dense, same = openai_layout.conv_kernel, openai_layout.dense_kernel, openai_layout.identity
   ours = ("params", "image_encoder")
   entries = [
     (ours + ("patch_embed_proj", "kernel"), "patch_embed.proj.weight", conv, 4),
@@ -187,7 +187,7 @@ def _text_entries(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]):
     f"CLIP text transformer ({layers} layers × {width}, {positions} positions, projection to "
     f"{_shape(state_dict, 'text_projection')[1]})"
   )
-  return openai_layout._text_entries(layers, cfg["text_heads"]), description  # pylint: disable=protected-access
+  return openai_layout.text_entries(layers, cfg["text_heads"]), description
 
 
 def _convert(state_dict, entries, expected, what: str) -> Tuple[Dict[VariablePath, np.ndarray], list, set]:
@@ -198,7 +198,7 @@ def _convert(state_dict, entries, expected, what: str) -> Tuple[Dict[VariablePat
   flat, converted, used = {}, [], set()
   for path, key, transform, ndim in entries:
     source = formats.to_numpy(state_dict[key])
-    array = openai_layout._converted(  # pylint: disable=protected-access
+    array = openai_layout.convert_entry(
       source, transform, ndim, expected[path].shape, positional=loading.is_fitted(path)
     )
     if array is None:
