@@ -145,9 +145,8 @@ def truncate_files(workdir: str, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  shards, _ = train_worker.make_dataset(str(tmp_path_factory.mktemp("preemption_data")))
-  return shards
+def dataset(tiny_dataset):
+  return tiny_dataset.tfrecord_dir  # The suite's shared synthetic shards (tests/conftest.py); read-only.
 
 
 @pytest.fixture(scope="module")
