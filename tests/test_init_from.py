@@ -3,18 +3,21 @@
 One path, as a user takes it, each step a separate process:
 
   a random CLIP in OpenAI's layout (open_clip modules at the tiny config's widths) → torch.save'd to a .pt
-  → `python -m fcnet_jax.tools.convert_clip` → `python main.py --config.init_from=<converted>` for one step:
-  run A at learning rate 0, run B at learning rate LR with lr_multi 0.1.
+  → `python -m fcnet_jax.tools.convert_clip` → `python main.py --config.init_from=<converted>` for one step at
+  learning rate LR with lr_multi 0.1.
 
-Run A's checkpoint must hold the converted encoders (positional embeddings fitted as the converter's report
-says: the first L text positions, the attention-pool grid resized bicubically) and, in every other module, the
-fresh initialisation of `config.seed`; its optimiser state must hold exactly one Adam update from zero moments.
-Run B's one Adam step (from the same start: A's parameters) must move the encoder parameters by lr_multi × the
-Adam update of the head, i.e. by lr_multi × −LR·m̂/(√v̂ + ε) with the moments the step itself recorded.
+The start of that step is rebuilt in this process the way training builds it (`train.create_train_state` with
+`config.init_from`): it must hold the converted encoders (checked against the converter's output and against the
+OpenAI names; positional embeddings fitted as the converter's report says: the first L text positions, the
+attention-pool grid resized bicubically as PyTorch does) and, in every other module, the fresh initialisation of
+`config.seed`. main.py's checkpoint after its one step must then be that start moved by exactly one Adam update
+from zero moments: the head by −LR·m̂/(√v̂ + ε), the encoders by lr_multi times that, with the moments the step itself
+recorded, so the run provably started from the rebuilt state. (One run instead of a learning-rate-0 run plus this
+one: the same checks, one process less.)
 
-The tiny config's text tower is 32 wide with 4 heads; CLIP's heads are 64 wide, so both runs and the converter
-use a 64-wide text tower with one head. The backbone BatchNorm is frozen (config.model.freeze_backbone_bn) so
-that the converted running statistics, which a training step would otherwise update, can be compared too.
+The tiny config's text tower is 32 wide with 4 heads; CLIP's heads are 64 wide, so the run and the converter use
+a 64-wide text tower with one head. The backbone BatchNorm is frozen (config.model.freeze_backbone_bn), so the
+converted running statistics survive the step and are compared in main.py's checkpoint directly.
 """
 
 import json
@@ -63,14 +66,16 @@ def tiny_clip_config():
   return config
 
 
-def fresh_variables() -> dict:
-  """What training initialises without init_from (`train.create_train_state`, seeded as `train.initial_state`
-  seeds it), flattened. Computed in this process, which has the workers' XLA flags and environment
-  (tests/conftest.py): the program main.py runs, so the same bits (and a compilation-cache hit)."""
+def initial_variables(init_from: str = "") -> dict:
+  """What training starts from (`train.create_train_state`, seeded as `train.initial_state` seeds it; with
+  `init_from`, the converted encoders loaded into it), flattened. Computed in this process, which has the workers'
+  XLA flags and environment (tests/conftest.py): the program main.py runs, so the same bits (and a
+  compilation-cache hit)."""
   config = tiny_clip_config()
+  config.init_from = init_from
   tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 1, 1))
   state = train.create_train_state(config, fcnet.build_model(config.model), jax.random.key(config.seed, impl="rbg"), tx)
-  return _flat({"params": state.params, "batch_stats": state.batch_stats})
+  return _flat(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
 
 
 def _flat(tree) -> dict:
@@ -110,7 +115,7 @@ def _adam_moments(opt_state) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tiny_dataset, tmp_path_factory):
-  """The converted checkpoint, its inputs, and runs A (lr 0) and B (lr LR, lr_multi 0.1) of main.py."""
+  """The converted checkpoint, its inputs, main.py's checkpoint after one step, and the start states."""
   root = tmp_path_factory.mktemp("init_from")
   config = tiny_clip_config()
   assert not config.init_from
@@ -142,24 +147,26 @@ def runs(tiny_dataset, tmp_path_factory):
     TIMEOUT_S,
     env=env,
   )
-  out = {"state_dict": state_dict, "converted": converted}
-  for name, lr, lr_multi in (("a", 0.0, LR_MULTI), ("b", LR, LR_MULTI)):
-    workdir = str(root / name)
-    command = train_worker.main_command(
-      workdir,
-      tiny_dataset.tfrecord_dir,
-      *OVERRIDE_FLAGS,
-      f"--config.init_from={converted}",
-      "--config.num_train_steps=1",
-      "--config.checkpoint_every_steps=1",
-      "--config.log_every_steps=1",
-      f"--config.learning_rate={lr}",
-      f"--config.lr_multi={lr_multi}",
-    )
-    train_worker.run_checked(command, str(root / f"{name}.log"), TIMEOUT_S, env=env)
-    out[name] = _restore(workdir)
-  out["fresh"] = fresh_variables()
-  return out
+  workdir = str(root / "run")
+  command = train_worker.main_command(
+    workdir,
+    tiny_dataset.tfrecord_dir,
+    *OVERRIDE_FLAGS,
+    f"--config.init_from={converted}",
+    "--config.num_train_steps=1",
+    "--config.checkpoint_every_steps=1",
+    "--config.log_every_steps=1",
+    f"--config.learning_rate={LR}",
+    f"--config.lr_multi={LR_MULTI}",
+  )
+  train_worker.run_checked(command, str(root / "run.log"), TIMEOUT_S, env=env)
+  return {
+    "state_dict": state_dict,
+    "converted": converted,
+    "after": _restore(workdir),
+    "start": initial_variables(converted),
+    "fresh": initial_variables(),
+  }
 
 
 def test_positional_embeddings_fitted_as_reported(runs):
@@ -169,58 +176,61 @@ def test_positional_embeddings_fitted_as_reported(runs):
     "params/text_encoder/positional_embedding": "first 8 of 77 positions",
     "params/image_encoder/attnpool/positional_embedding": "7×7 grid resized to 2×2, PyTorch bicubic",
   }
-  params = runs["a"]["params"]
+  start = runs["start"]
   np.testing.assert_array_equal(
-    params["text_encoder"]["positional_embedding"], runs["state_dict"]["positional_embedding"][:8]
+    start["params/text_encoder/positional_embedding"], runs["state_dict"]["positional_embedding"][:8]
   )
   grid = torch.from_numpy(runs["state_dict"]["visual.attnpool.positional_embedding"][1:]).double()  # No class pos.
   ref = F.interpolate(grid.T.reshape(1, -1, 7, 7), size=(2, 2), mode="bicubic", align_corners=False)
   ref = ref.reshape(ref.shape[1], -1).T.numpy()
-  ours = params["image_encoder"]["attnpool"]["positional_embedding"]
+  ours = start["params/image_encoder/attnpool/positional_embedding"]
   assert np.abs(ours - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
 def test_encoders_are_the_converted_weights(runs):
   converted = _flat(clip.restore_converted(runs["converted"]))
-  saved = _flat({"params": runs["a"]["params"], "batch_stats": runs["a"]["batch_stats"]})
+  start = runs["start"]
   fitted = {"params/text_encoder/positional_embedding", "params/image_encoder/attnpool/positional_embedding"}
   assert len(converted) > 50 and fitted < set(converted)
   for path in set(converted) - fitted:
-    np.testing.assert_array_equal(saved[path], converted[path], err_msg=path)
+    np.testing.assert_array_equal(start[path], converted[path], err_msg=path)
   # Anchored to the OpenAI names too, not only to our converter's output.
   sd = runs["state_dict"]
   np.testing.assert_array_equal(
-    saved["params/image_encoder/stem1/conv/kernel"], sd["visual.conv1.weight"].transpose(2, 3, 1, 0)
+    start["params/image_encoder/stem1/conv/kernel"], sd["visual.conv1.weight"].transpose(2, 3, 1, 0)
   )
+  np.testing.assert_array_equal(start["params/text_encoder/token_embedding/embedding"], sd["token_embedding.weight"])
   np.testing.assert_array_equal(
-    saved["batch_stats/image_encoder/layer4_0/conv3/bn/var"], sd["visual.layer4.0.bn3.running_var"]
+    start["params/text_encoder/resblocks_1/c_fc/kernel"], sd["transformer.resblocks.1.mlp.c_fc.weight"].T
   )
-  np.testing.assert_array_equal(saved["params/text_encoder/token_embedding/embedding"], sd["token_embedding.weight"])
+  # The frozen backbone's running statistics in main.py's own checkpoint: CLIP's, untouched by the step.
+  after = _flat({"batch_stats": runs["after"]["batch_stats"]})
   np.testing.assert_array_equal(
-    saved["params/text_encoder/resblocks_1/c_fc/kernel"], sd["transformer.resblocks.1.mlp.c_fc.weight"].T
+    after["batch_stats/image_encoder/layer4_0/conv3/bn/var"], sd["visual.layer4.0.bn3.running_var"]
   )
+  backbone_stats = [p for p in converted if p.startswith("batch_stats/image_encoder/")]
+  assert len(backbone_stats) > 10
+  for path in backbone_stats:
+    np.testing.assert_array_equal(after[path], converted[path], err_msg=path)
 
 
 def test_other_modules_keep_their_fresh_initialisation(runs):
-  fresh = runs["fresh"]
+  fresh, start = runs["fresh"], runs["start"]
   converted = _flat(clip.restore_converted(runs["converted"]))
-  saved = _flat({"params": runs["a"]["params"], "batch_stats": runs["a"]["batch_stats"]})
-  assert set(saved) == set(fresh)
-  # At lr 0 no parameter moves; running statistics move in training mode except in the frozen backbone.
-  new = [p for p in fresh if p not in converted and (p.startswith("params/") or "/image_encoder/" in p)]
+  assert set(start) == set(fresh)
+  new = [p for p in fresh if p not in converted]
   assert {p.split("/")[1] for p in new} >= {"image_encoder", "neck", "decoder"} and len(new) > 20
   for path in new:
-    np.testing.assert_array_equal(saved[path], fresh[path], err_msg=path)
+    np.testing.assert_array_equal(start[path], fresh[path], err_msg=path)
   # The check can fail: the converted encoders are not what this seed initialises.
-  assert not np.allclose(fresh["params/text_encoder/ln_final/scale"], saved["params/text_encoder/ln_final/scale"])
+  assert not np.allclose(fresh["params/text_encoder/ln_final/scale"], start["params/text_encoder/ln_final/scale"])
 
 
-@pytest.mark.parametrize("run", ["a", "b"])
-def test_optimizer_state_holds_one_update_from_zero(run, runs):
+def test_optimizer_state_holds_one_update_from_zero(runs):
   """After one step from zero moments, mu = (1 − β1)·g and nu = (1 − β2)·g², so mu² = 10·nu for every
   parameter and every count is 1; moments or counts carried over from anywhere else break this."""
-  moments = _adam_moments(runs[run]["opt_state"])
-  params = _flat(runs[run]["params"])
+  moments = _adam_moments(runs["after"]["opt_state"])
+  params = _flat(runs["after"]["params"])
   assert set(moments["mu"]) == set(moments["nu"]) == set(params)
   assert moments["count"] and all(int(c) == 1 for c in moments["count"].values()), moments["count"]
   for path, mu in moments["mu"].items():
@@ -228,15 +238,13 @@ def test_optimizer_state_holds_one_update_from_zero(run, runs):
     np.testing.assert_allclose(
       mu.astype(np.float64) ** 2, (1 - ADAM_B1) ** 2 / (1 - ADAM_B2) * nu, rtol=1e-5, atol=1e-30, err_msg=path
     )
-  # Both runs took their one step from the same parameters on the same batch: the same gradients.
-  other = _adam_moments(runs["b" if run == "a" else "a"]["opt_state"])
-  for path, mu in moments["mu"].items():
-    np.testing.assert_allclose(mu, other["mu"][path], rtol=1e-5, atol=1e-6 * np.abs(mu).max(), err_msg=path)
+  assert sum(int(np.count_nonzero(mu)) for mu in moments["mu"].values()) > 10_000  # Real gradients, not zeros.
 
 
 def test_encoder_updates_are_lr_multi_times_adam(runs):
-  start, after = _flat(runs["a"]["params"]), _flat(runs["b"]["params"])
-  moments = _adam_moments(runs["b"]["opt_state"])
+  after = _flat(runs["after"]["params"])
+  start = {path[len("params/") :]: value for path, value in runs["start"].items() if path.startswith("params/")}
+  moments = _adam_moments(runs["after"]["opt_state"])
   converted = _flat(clip.restore_converted(runs["converted"])["params"])
   encoder_paths = {p for p in after if p.split("/")[0] in ("image_encoder", "text_encoder")}
   assert encoder_paths > set(converted)  # The converted encoders, plus the attention pool's residual branch.
