@@ -11,9 +11,10 @@ What happens to an input is what evaluation does to a (image, sentence) pair of 
   2. the letterbox the checkpoint was trained with (config.data.letterbox; `letterbox.letterbox_image`, equal bit
      for bit to the input pipeline's) and tokenization as in training (`tokenizer.tokenize` at the context length:
      a longer sentence is cut, with a warning, and `Prediction.truncated`).
-  3. on the device: the image encoder ONCE for all sentences of the image, then per sentence the text encoder,
-     fusion and decoder (`FCNet.encode_image` / `encode_text` / `fuse` / `decode`), the sigmoid, and the inverse
-     letterbox of evaluation (`image_ops.inverse_letterbox`) to the original resolution; threshold
+  3. on the device: the image encoder and the vision neck ONCE for all sentences of the image (`FCNet.encode_image`,
+     `neck_features`), then per sentence the text encoder, EGM/ECM and decoder (`encode_text`, `fuse_language`,
+     `decode`), the sigmoid, and the inverse letterbox of evaluation (`image_ops.inverse_letterbox`) to the
+     original resolution; threshold
      config.mask_threshold (strict `>`, as evaluation), overridable.
 
 Shapes are bucketed so that repeated calls do not recompile: sentences are padded to a count in
@@ -210,19 +211,22 @@ def _variables(state: Any) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _encode_image(state: Any, image: jax.Array, *, model: fcnet.FCNet) -> Tuple[jax.Array, ...]:
-  """1×S×S×3 uint8 letterboxed image → the image encoder's features (normalized on the device, as training)."""
+def _encode_image(state: Any, image: jax.Array, *, model: fcnet.FCNet) -> jax.Array:
+  """1×S×S×3 uint8 letterboxed image → F_v, the vision neck's output (normalized on the device, as training): all
+  of the model that does not depend on the sentence, computed once per image."""
   images = image_ops.normalize_images(image, fcnet.DTYPES[model.dtype])
-  return model.apply(_variables(state), images, method=fcnet.FCNet.encode_image)
+  variables = _variables(state)
+  features = model.apply(variables, images, method=fcnet.FCNet.encode_image)
+  return model.apply(variables, *features, method=fcnet.FCNet.neck_features)
 
 
-def _decode(state: Any, features: Tuple[jax.Array, ...], tokens: jax.Array, *, model: fcnet.FCNet) -> jax.Array:
-  """N sentences about one encoded image → N×P×P logits (text encoder, fusion, decoder; the image features are
-  shared by the N sentences)."""
-  variables, count = _variables(state), tokens.shape[0]
-  features = tuple(jnp.broadcast_to(f, (count, *f.shape[1:])) for f in features)
+def _decode(state: Any, f_v: jax.Array, tokens: jax.Array, *, model: fcnet.FCNet) -> jax.Array:
+  """N sentences about one encoded image → N×P×P logits (text encoder, EGM/ECM, decoder; F_v is shared by the N
+  sentences)."""
+  variables = _variables(state)
+  f_v = jnp.broadcast_to(f_v, (tokens.shape[0], *f_v.shape[1:]))
   text = model.apply(variables, tokens, method=fcnet.FCNet.encode_text)
-  fused = model.apply(variables, *features, *text, method=fcnet.FCNet.fuse)
+  fused = model.apply(variables, f_v, *text, method=fcnet.FCNet.fuse_language)
   return model.apply(variables, *fused, method=fcnet.FCNet.decode)
 
 

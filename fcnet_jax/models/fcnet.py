@@ -178,9 +178,20 @@ class FCNet(nn.Module):
     F_e (eq. 4), calibrated by the sentence feature into F_c with ECM (sec. 3.3), and needs no mask; without
     EGM (the baseline) it is the projected words F_t B×L×C with the text mask (True = a real token).
     """
-    text_mask = jnp.logical_not(padding_mask)
+    return self.fuse_language(self.neck_features(f_v2, f_v3, f_v4, train), f_t, eos, padding_mask, train)
+
+  def neck_features(self, f_v2: jax.Array, f_v3: jax.Array, f_v4: jax.Array, train: bool = False) -> jax.Array:
+    """The vision neck (eqs. 1–3): encoder features → F_v B×S/16×S/16×C. Vision only, so one image's F_v serves
+    every sentence about it (`fcnet_jax.predict`)."""
     f_v = self.neck(f_v2, f_v3, f_v4, train)
     self.sow("intermediates", "F_v", f_v)
+    return f_v
+
+  def fuse_language(
+    self, f_v: jax.Array, f_t: jax.Array, eos: jax.Array, padding_mask: jax.Array, train: bool = False
+  ) -> Tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """`fuse` after the neck: F_v and the text features → (F_v, memory, memory_mask)."""
+    text_mask = jnp.logical_not(padding_mask)
     if not self.use_egm:
       return f_v, self.word_proj(f_t), text_mask
     memory = self.emphasis_generation(f_v, f_t, text_mask, train)
