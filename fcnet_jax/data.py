@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fcnet_jax import fileio
 from fcnet_jax import image_ops
 from fcnet_jax import letterbox
 from fcnet_jax import tokenizer
@@ -103,7 +104,7 @@ def prepare_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> s
 
   d = config.data
   raw, shards = os.path.join(workdir, SYNTHETIC_RAW_DIR), os.path.join(workdir, SYNTHETIC_SHARDS_DIR)
-  if not os.path.exists(os.path.join(shards, records.SUMMARY_FILE)):
+  if not fileio.as_path(shards, records.SUMMARY_FILE).exists():
     synthetic.generate(
       raw,
       seed=d.synthetic_seed,

@@ -18,8 +18,9 @@ from etils import epath
 PathLike = Union[str, epath.PathLike]
 
 
-def as_path(path: PathLike) -> epath.Path:
-  return epath.Path(path)
+def as_path(path: PathLike, *parts: str) -> epath.Path:
+  """`path` (joined with `parts`) as a path that may be local or remote (gs://…)."""
+  return epath.Path(path, *parts)
 
 
 @contextlib.contextmanager

@@ -60,7 +60,7 @@ DEFAULT_SHARD_SIZE = 256  # ~40 MB of COCO images per shard; RefCOCO train -> 16
 
 
 def _existing_summary(path: str, header: Dict[str, object]) -> dict:
-  if not os.path.exists(path):
+  if not fileio.as_path(path).exists():
     return {**header, "splits": {}}
   summary = fileio.read_json(path)
   if summary.get("format_version", 1) != records.FORMAT_VERSION:
@@ -112,7 +112,7 @@ def convert(
   refs_path = os.path.join(refer_dir, f"refs({split_by}).p")
   instances_path = os.path.join(refer_dir, "instances.json")
   for path in (refs_path, instances_path):
-    if not os.path.isfile(path):
+    if not fileio.as_path(path).is_file():
       raise FileNotFoundError(
         f"{path} not found (--refer_root={refer_root}, --dataset={dataset}, --split_by={split_by})"
       )

@@ -84,7 +84,7 @@ def _repair_latin1(value):
 
 def load_refs(path: str) -> List[dict]:
   """Loads a refer `refs(<split_by>).p` pickle. It executes code if crafted: load only files you trust."""
-  with open(path, "rb") as f:
+  with io.BytesIO(fileio.as_path(path).read_bytes()) as f:  # Local or remote (gs://…).
     try:
       refs = pickle.load(f)
     except UnicodeDecodeError:
@@ -112,14 +112,14 @@ def load_instances(path: str) -> Tuple[Dict[int, dict], Dict[int, dict]]:
 
 def resolve_image_dir(coco_images: str, sample_file_name: Optional[str]) -> str:
   """The folder holding the JPEGs: `coco_images` itself or its `train2014/` subfolder."""
-  if not os.path.isdir(coco_images):
+  if not fileio.as_path(coco_images).is_dir():
     raise FileNotFoundError(f"--coco_images={coco_images} is not a directory")
   candidates = [os.path.join(coco_images, "train2014"), coco_images]
   if sample_file_name is not None:
     for folder in candidates:
-      if os.path.isfile(os.path.join(folder, sample_file_name)):
+      if fileio.as_path(folder, sample_file_name).is_file():
         return folder
-  return candidates[0] if os.path.isdir(candidates[0]) else coco_images
+  return candidates[0] if fileio.as_path(candidates[0]).is_dir() else coco_images
 
 
 def ref_items(
@@ -219,8 +219,7 @@ def load_image(path: str, height: int, width: int) -> Tuple[bytes, bool]:
   """
   tf = import_tensorflow()
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = fileio.as_path(path).read_bytes()
   except FileNotFoundError:
     raise BadImageError(f"image file {path} is missing") from None
   except OSError as e:

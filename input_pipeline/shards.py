@@ -10,7 +10,6 @@ spawned (not forked: TensorFlow's thread pools do not survive a fork).
 import concurrent.futures
 import dataclasses
 import multiprocessing
-import os
 import re
 import sys
 from typing import Dict, Iterator, List, Sequence, Tuple
@@ -60,11 +59,12 @@ def plan_shards(items: Sequence[refer.RefItem], shard_size: int) -> List[Tuple[r
 
 def prepare_split_dir(split_dir: str, shard_names: Sequence[str], shard_size: int) -> None:
   """Creates the split folder, drops an interrupted run's temporary files, and refuses shards of another layout."""
-  os.makedirs(split_dir, exist_ok=True)
+  directory = fileio.as_path(split_dir)
+  directory.mkdir(parents=True, exist_ok=True)
   stray = []
-  for name in sorted(os.listdir(split_dir)):
+  for name in sorted(path.name for path in directory.iterdir()):
     if _TEMPORARY_NAME.fullmatch(name):
-      os.remove(os.path.join(split_dir, name))
+      (directory / name).unlink()
     elif name.endswith(".tfrecord") and name not in shard_names:
       stray.append(name)
   if stray:
@@ -100,7 +100,7 @@ def read_back(path: str) -> Tuple[Tuple[int, ...], int, int]:
 def write_shard(task: ShardTask) -> ShardResult:
   """Writes one shard atomically (or only reads it back if it exists) and returns what is in it."""
   tf = import_tensorflow()
-  if os.path.exists(task.path):
+  if fileio.as_path(task.path).exists():
     return ShardResult(task.path, False, *read_back(task.path), skipped=())
   sentences = [s for item in task.items for s in item.sents]
   tokens = np.asarray(tokenizer.tokenize(sentences, records.STORED_CONTEXT_LENGTH))

@@ -24,6 +24,7 @@ sides of 48–160 pixels with aspect ratios up to ~1.6 (shapes stay ≥ ~9 pixel
 Deterministic given the seed: every image draws from its own `np.random.default_rng((seed, index))`.
 """
 
+import io
 import json
 import math
 import os
@@ -322,8 +323,8 @@ def generate(
     splits = refer.known_splits(dataset, split_by)
   image_dir = os.path.join(out_dir, "images", "train2014")
   refer_dir = os.path.join(out_dir, dataset)
-  os.makedirs(image_dir, exist_ok=True)
-  os.makedirs(refer_dir, exist_ok=True)
+  fileio.as_path(image_dir).mkdir(parents=True, exist_ok=True)
+  fileio.as_path(refer_dir).mkdir(parents=True, exist_ok=True)
 
   counts = {s: {"images": 0, "refs": 0, "sentences": 0} for s in splits}
   stats = {
@@ -339,8 +340,9 @@ def generate(
   for index, split in enumerate(split_of_image):
     image_id = 9 + 7 * index  # COCO-like sparse ids.
     item = _generate_image(seed, index, image_id)
-    with fileio.atomic_output(os.path.join(image_dir, image_file_name(image_id))) as tmp:
-      item["image"].save(str(tmp), "JPEG", quality=90)
+    encoded = io.BytesIO()  # PIL writes local files only; out_dir may be remote (gs://…).
+    item["image"].save(encoded, "JPEG", quality=90)
+    fileio.atomic_write(os.path.join(image_dir, image_file_name(image_id)), encoded.getvalue())
     images.append(
       {"id": image_id, "file_name": image_file_name(image_id), "height": item["height"], "width": item["width"]}
     )

@@ -1,117 +1,110 @@
-"""gs:// paths against a local GCS emulator (fcnet_jax/checkpoints.py, fileio.py, run_config.py, pretrained.py).
+"""gs:// on every user path, against a local GCS emulator that every client reaches (tests/gcs_emulator.py).
 
-A `gcp-storage-emulator` server (GCS JSON API, in memory, 127.0.0.1 only) is started by the module fixture and
-stopped after it. Each client is pointed at it through its own endpoint setting (docs/cluster.md):
+The module fixture starts the emulator (in memory, 127.0.0.1) with its TLS proxy and points all three clients at it
+as users run them: TensorFlow's GCS client (tf.io.gfile: TFRecords, TensorBoard events, and etils.epath, which uses
+tf.io.gfile because TensorFlow is installed) through `HTTPS_PROXY` + `CURL_CA_BUNDLE`, tensorstore (Orbax's array
+data) through `TENSORSTORE_GCS_HTTP_URL`. Every test asserts that its requests did reach the emulator.
 
-* etils.epath (fileio, run_config, Orbax's metadata and step directories): `EPATH_USE_TF=false` routes gs:// to
-  fsspec/gcsfs, which honours `STORAGE_EMULATOR_HOST`. (With TensorFlow installed, epath would use tf.io.gfile,
-  whose GCS client has no endpoint setting.)
-* tensorstore (Orbax's array data): `TENSORSTORE_GCS_HTTP_URL`, with `GOOGLE_AUTH_TOKEN_FOR_TESTING` for auth.
+* tf.io.gfile: write, ranged read, stat, listdir, glob, rename, delete, makedirs, exists; a TFRecord file written
+  and read by tf.data; TensorBoard events written by tf.summary and read back.
+* The JSON writes (atomic), the saved config, and the latest-K checkpoint manager (keep, resume from the newest
+  complete step, a half-written step ignored and removed, a corrupt one set aside) on small trees.
+* The compilation cache in <workdir>/xla_cache: one process writes it, the next reads it and compiles nothing.
+* End to end, one chain: synthetic refer data generated into the bucket; `python -m input_pipeline.convert` reads it
+  there and writes the shards there; `main.py` trains configs/tiny.py with the workdir and the shards in the bucket
+  (whole FCNet train states through Orbax/OCDBT), is SIGTERMed after its first step (exit 143), resumes from the
+  bucket to the end (exit 0) and evaluates there; then `pretrained.load`, `Predictor.from_checkpoint` (the loaders of
+  `--mode=eval`, prediction and export) and `config.init_from` (train.read_init_from) read the workdir from the bucket.
 
-Exercised here on gs://: the JSON writes (atomic), the saved config, the latest-K checkpoint manager (keep,
-resume from the newest complete step, a half-written step ignored and removed, a corrupt one set aside) on small
-trees. Not here: TFRecords and TensorBoard events (TensorFlow's GCS client has no endpoint setting), and a whole
-FCNet train state: with ~700 arrays, tensorstore's OCDBT writer fails against this emulator ("Malformed
-StorageGeneration" reading its manifest back), an emulator limitation that real GCS does not have.
+Local only (tested elsewhere): the showcase after training (`--noshowcase` here), exports, the converter's
+multi-process writing, and the killed-mid-write cases of tests/test_preemption.py.
 """
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-BUCKET = "fcnet-test"
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-
-def emulator_env(url: str):
-  """The environment variables that point epath/gcsfs and tensorstore at the emulator at `url`."""
-  return {
-    "EPATH_USE_TF": "false",
-    "STORAGE_EMULATOR_HOST": url,
-    "TENSORSTORE_GCS_HTTP_URL": url,
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-  }
+STEPS = 3
+TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
-def copy_delete_renames():
-  """gcsfs renames through GCS's moveTo API, which the emulator lacks (HTTP 501): gcsfs then retries for ~30 s
-  before falling back to copy + delete. Go straight to copy + delete (what it ends up doing) while the module runs."""
-  from fsspec import asyn  # pylint: disable=g-import-not-at-top
-  import gcsfs  # pylint: disable=g-import-not-at-top
-
-  async def copy_delete(self, path1, path2, **kwargs):
-    return await asyn.AsyncFileSystem._mv_file(self, path1, path2, **kwargs)  # pylint: disable=protected-access
-
-  saved = gcsfs.GCSFileSystem._mv_file, gcsfs.GCSFileSystem.mv_file  # pylint: disable=protected-access
-  gcsfs.GCSFileSystem._mv_file, gcsfs.GCSFileSystem.mv_file = copy_delete, asyn.sync_wrapper(copy_delete)
-  yield
-  gcsfs.GCSFileSystem._mv_file, gcsfs.GCSFileSystem.mv_file = saved
+def gcs(tmp_path_factory):
+  with gcs_emulator.running(str(tmp_path_factory.mktemp("gcs"))) as emulator:
+    yield emulator
 
 
-def _epath_backend_choice():
-  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+def _reached(emulator, pattern: str) -> list:
+  """The proxied requests (TensorFlow's GCS client) matching `pattern`; fails if there are none."""
+  found = [r for r in emulator.requests() if re.search(pattern, r)]
+  assert found, f"no request matching {pattern!r} reached the emulator: {emulator.requests()[-20:]}"
+  return found
 
-  return gpath._is_tf_installed  # pylint: disable=protected-access
 
+def test_tensorflow_gfile_tfrecords_and_summaries(gcs):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-@pytest.fixture(scope="module")
-def bucket(tmp_path_factory, copy_delete_renames):
-  """gs://BUCKET on a fresh emulator; the endpoint variables are set in this process while the module runs."""
-  del copy_delete_renames
-  port = train_worker.free_port()
-  url = f"http://127.0.0.1:{port}"
-  log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")  # pylint: disable=consider-using-with
-  server = subprocess.Popen(
-    [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
-     f"--default-bucket={BUCKET}"],
-    stdout=log, stderr=subprocess.STDOUT,
-  )  # fmt: skip
-  saved = {name: os.environ.get(name) for name in emulator_env(url)}
-  try:
-    deadline = time.time() + 60
-    while True:
-      try:
-        urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=2).close()
-        break
-      except OSError:
-        if time.time() > deadline or server.poll() is not None:
-          raise
-        time.sleep(0.2)
-    os.environ.update(emulator_env(url))
-    # epath decides once per process (functools.cache) whether TensorFlow's gfile serves gs://; an earlier test of
-    # this process may already have decided with EPATH_USE_TF unset, so forget that decision now and afterwards.
-    _epath_backend_choice().cache_clear()
-    yield f"gs://{BUCKET}"
-  finally:
-    for name, value in saved.items():
-      if value is None:
-        os.environ.pop(name, None)
-      else:
-        os.environ[name] = value
-    _epath_backend_choice().cache_clear()
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
+  root = f"{gcs.bucket}/tf"
+  tf.io.gfile.makedirs(f"{root}/sub")
+  with tf.io.gfile.GFile(f"{root}/a.txt", "w") as f:
+    f.write("hello world")
+  with tf.io.gfile.GFile(f"{root}/a.txt", "rb") as f:
+    f.seek(6)
+    assert f.read(3) == b"wor"
+  assert tf.io.gfile.stat(f"{root}/a.txt").length == 11
+  assert tf.io.gfile.isdir(f"{root}/sub") and not tf.io.gfile.isdir(f"{root}/a.txt")
+  assert sorted(tf.io.gfile.listdir(root)) == ["a.txt", "sub/"]
+  assert tf.io.gfile.glob(f"{root}/*.txt") == [f"{root}/a.txt"]
+  tf.io.gfile.rename(f"{root}/a.txt", f"{root}/b.txt")
+  assert not tf.io.gfile.exists(f"{root}/a.txt")
+  tf.io.gfile.remove(f"{root}/b.txt")
+  assert tf.io.gfile.listdir(root) == ["sub/"]
+
+  records = [bytes([i]) * (1000 + i) for i in range(50)]
+  with tf.io.TFRecordWriter(f"{root}/r.tfrecord") as writer:
+    for record in records:
+      writer.write(record)
+  assert [r.numpy() for r in tf.data.TFRecordDataset(f"{root}/r.tfrecord")] == records
+
+  writer = tf.summary.create_file_writer(f"{root}/events")
+  with writer.as_default():
+    for step in range(3):
+      tf.summary.scalar("loss", 1.0 / (step + 1), step=step)
+  writer.close()
+  (events,) = tf.io.gfile.glob(f"{root}/events/events.out.tfevents.*")
+  values = [
+    (event.step, float(tf.make_ndarray(value.tensor)))
+    for event in tf.compat.v1.train.summary_iterator(events)
+    for value in event.summary.value
+  ]
+  assert values == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+  _reached(gcs, r"^GET storage\.googleapis\.com /fcnet-test/tf%2Fr\.tfrecord -> 20[06]")
+  _reached(gcs, r"^POST www\.googleapis\.com /storage/v1/b/fcnet-test/o/tf%2Fa\.txt/rewriteTo/")
 
 
 def _tree(value: float):
   return {"w": np.arange(10, dtype=np.float32) + value, "step": np.asarray(int(value), np.int32)}
 
 
-def test_json_and_config_round_trip(bucket):
+def test_json_and_config_round_trip(gcs):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
   from fcnet_jax import run_config  # pylint: disable=g-import-not-at-top
 
+  bucket = gcs.bucket
   fileio.write_json(f"{bucket}/json/eval_val.json", {"mIoU": 0.5})
   assert fileio.read_json(f"{bucket}/json/eval_val.json") == {"mIoU": 0.5}
   assert [p.name for p in fileio.as_path(f"{bucket}/json").iterdir()] == ["eval_val.json"]  # No temporary left.
@@ -119,13 +112,14 @@ def test_json_and_config_round_trip(bucket):
   run_config.save(config, f"{bucket}/config_run")
   assert run_config.exists(f"{bucket}/config_run")
   assert run_config.differences(run_config.load(f"{bucket}/config_run"), config) == []
+  _reached(gcs, r"^GET storage\.googleapis\.com /fcnet-test/json%2Feval_val\.json")
 
 
-def test_checkpoints_keep_resume_clean_up_and_fall_back(bucket):
+def test_checkpoints_keep_resume_clean_up_and_fall_back(gcs):
   from fcnet_jax import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
   from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
 
-  workdir = f"{bucket}/ckpt_run"
+  workdir = f"{gcs.bucket}/ckpt_run"
   checkpoints = checkpoints_lib.Checkpoints(workdir, keep=2)
   for step in (1, 2, 3):
     checkpoints.save_latest(step, _tree(step))
@@ -145,3 +139,147 @@ def test_checkpoints_keep_resume_clean_up_and_fall_back(bucket):
   restored = checkpoints_lib.Checkpoints(workdir, keep=2).restore_newest(_tree(0))
   np.testing.assert_array_equal(restored["w"], _tree(2)["w"])
   assert (fileio.as_path(workdir) / f"{checkpoints_lib.CORRUPT_PREFIX}3" / "default").is_dir()
+
+
+_COMPILE = """
+import sys
+import jax, jax.numpy as jnp, ml_collections
+from fcnet_jax import compile_cache
+print("cache", compile_cache.enable(ml_collections.ConfigDict({"compile_cache_dir": ""}), sys.argv[1]))
+print("value", float(jax.jit(lambda x: jnp.sin(x) @ x.T + 1)(jnp.ones((64, 64))).sum()))
+"""
+
+
+def test_compile_cache_in_a_gs_workdir(gcs, tmp_path):
+  """config.compile_cache_dir's default, <workdir>/xla_cache, on gs://: the second process only reads entries."""
+  env = train_worker.subprocess_env()
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # The test suite's shared cache would win over the workdir's.
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  workdir = f"{gcs.bucket}/cc_run"
+  uploads = []
+  for run in range(2):
+    before = len(gcs.requests())
+    train_worker.run_checked(
+      [sys.executable, "-c", _COMPILE, workdir], str(tmp_path / f"{run}.log"), TIMEOUT_S, env=env
+    )
+    with open(tmp_path / f"{run}.log") as f:
+      assert f"cache {workdir}/xla_cache" in f.read()
+    new = gcs.requests()[before:]
+    uploads.append([r for r in new if r.startswith("POST") and "xla_cache" in r and "uploadType=resumable" in r])
+    reads = [
+      r for r in new if re.match(r"GET storage\.googleapis\.com /fcnet-test/cc_run%2Fxla_cache%2Fjit__lambda", r)
+    ]
+  assert uploads[0] and not uploads[1], uploads
+  assert reads, "the second process did not read the cache entry of its jitted function"
+
+
+# End to end.
+
+
+class _Run:
+  """A subprocess whose output goes to a log file."""
+
+  def __init__(self, command, log_path: str, env=None):
+    self.log_path = log_path
+    with open(log_path, "w") as log:
+      self.process = subprocess.Popen(
+        command, cwd=train_worker.REPO, env=env or train_worker.subprocess_env(), stdout=log, stderr=subprocess.STDOUT
+      )
+
+  def text(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
+
+  def wait_for(self, pattern: str, timeout: float = TIMEOUT_S):
+    deadline = time.time() + timeout
+    while not re.search(pattern, self.text()):
+      if self.process.poll() is not None or time.time() > deadline:
+        raise AssertionError(f"no {pattern!r} (exit {self.process.poll()}):\n{self.text()[-4000:]}")
+      time.sleep(0.05)
+
+  def finish(self) -> int:
+    try:
+      return self.process.wait(timeout=TIMEOUT_S)
+    finally:
+      if self.process.poll() is None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def chain(gcs, tmp_path_factory):
+  """Refer data → converter → main.py (SIGTERM, resume, evaluation), all on gs://; {name: (exit, log)}."""
+  from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
+
+  logs, runs = tmp_path_factory.mktemp("gcs_chain"), {}
+  raw, shards, workdir = f"{gcs.bucket}/raw", f"{gcs.bucket}/shards", f"{gcs.bucket}/runs/tiny"
+  synthetic.generate(raw, seed=0, num_train_images=12, num_eval_images=4)
+  convert = [sys.executable, "-m", "input_pipeline.convert", f"--refer_root={raw}", f"--coco_images={raw}/images",
+             "--dataset=refcoco", "--split_by=unc", f"--out={shards}", "--num_workers=1"]  # fmt: skip
+  run = _Run(convert, str(logs / "convert.log"))
+  runs["convert"] = (run.finish(), run.text())
+  assert runs["convert"][0] == 0, runs["convert"][1][-4000:]
+
+  train = train_worker.main_command(
+    workdir, shards, "--config.data.eval_splits=('val',)", f"--config.num_train_steps={STEPS}",
+    f"--config.eval_every_steps={STEPS}", "--config.checkpoint_every_steps=1", "--config.log_every_steps=1",
+  )  # fmt: skip
+  run = _Run(train, str(logs / "sigterm.log"))
+  run.wait_for(r"\[1\] train/")
+  run.process.send_signal(signal.SIGTERM)
+  runs["sigterm"] = (run.finish(), run.text())
+  run = _Run(train, str(logs / "resume.log"))  # Resumes from the bucket and evaluates the last step there.
+  runs["resume"] = (run.finish(), run.text())
+  return {"workdir": workdir, "shards": shards, "runs": runs}
+
+
+def test_convert_train_preempt_resume_evaluate_on_gs(gcs, chain):
+  from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
+
+  runs, workdir = chain["runs"], chain["workdir"]
+  summary = fileio.read_json(f"{chain['shards']}/summary.json")
+  assert summary["splits"]["train"]["refs"] == 43 and summary["splits"]["val"]["sentences"] == 32, summary
+  code, log = runs["sigterm"]
+  assert code == 143, log[-4000:]
+  stopped = int(re.search(r"Preempted at step (\d+) \(SIGTERM\)", log).group(1))
+  code, log = runs["resume"]
+  assert code == 0, log[-4000:]
+  assert f"Resumed from step {stopped}" in log
+  assert fileio.read_json(f"{workdir}/eval_val.json")["step"] == STEPS
+  root = fileio.as_path(workdir)
+  assert sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit())[-1] == STEPS
+  assert list(root.glob("events.out.tfevents.*")) or list(root.glob("*/events.out.tfevents.*"))
+  assert (root / "config.json").exists()
+  # The shards were read from the bucket by tf.data, the checkpoints written by tensorstore (not proxied).
+  _reached(gcs, r"^GET storage\.googleapis\.com /fcnet-test/shards%2Ftrain%2Ftrain-")
+  _reached(
+    gcs,
+    r"^POST www\.googleapis\.com /upload/storage/v1/b/fcnet-test/o\?uploadType=resumable&name=runs%2Ftiny%2F.*tfevents",
+  )
+
+
+def test_pretrained_predictor_and_init_from_read_a_gs_workdir(chain):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import predict  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import run_config  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import train  # pylint: disable=g-import-not-at-top
+
+  workdir = chain["workdir"]
+  # What `main.py --mode=eval --checkpoint=latest` runs: the saved config and the checkpoint from the bucket, the
+  # shards read there by tf.data; it scores what the training run's own final evaluation scored.
+  trained = fileio.read_json(f"{workdir}/eval_val.json")
+  scores = evaluate.evaluate(run_config.load(workdir), workdir, checkpoint="latest")["val"]
+  assert scores["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6) and scores["count"] == trained["count"]
+  loaded = pretrained.load(workdir, "latest")
+  assert loaded.step == STEPS and loaded.source.startswith(workdir)
+  predictor = predict.Predictor.from_checkpoint(workdir, "latest")
+  variables = train.read_init_from(workdir)  # config.init_from=<workdir>: its best checkpoint.
+  best = pretrained.load(workdir, "best")
+  # pylint: disable-next=protected-access
+  for ours, theirs in ((predictor._state.params, loaded.state.params), (variables["params"], best.state.params)):
+    flat = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ours, theirs))
+    assert len(flat) > 100 and all(flat)
