@@ -190,16 +190,16 @@ def save_examples(examples: Sequence[Example], directory: str) -> str:
 
 def read_examples(workdir: str) -> List[dict]:
   """The manifest entries of `<workdir>/examples/` with absolute "image" and "mask" paths; [] when absent."""
-  manifest = os.path.join(workdir, EXAMPLES_DIR, MANIFEST_FILE)
-  if not os.path.isfile(manifest):
+  folder = os.path.join(workdir, EXAMPLES_DIR)  # Local or remote (gs://…): plain "/" joins.
+  manifest = fileio.as_path(folder, MANIFEST_FILE)
+  if not manifest.is_file():
     return []
   entries = []
-  with open(manifest, encoding="utf-8") as f:
-    for line in filter(str.strip, f):
-      entry = json.loads(line)
-      for key in ("image", "mask"):
-        entry[key] = os.path.join(os.path.dirname(manifest), entry[key])
-      entries.append(entry)
+  for line in filter(str.strip, manifest.read_text(encoding="utf-8").splitlines()):
+    entry = json.loads(line)
+    for key in ("image", "mask"):
+      entry[key] = os.path.join(folder, entry[key])
+    entries.append(entry)
   return entries
 
 
@@ -227,7 +227,7 @@ def _source_image(workdir: str, entry: dict) -> str:
 
   original = os.path.join(workdir, data_lib.SYNTHETIC_RAW_DIR, "images", "train2014")
   original = os.path.join(original, synthetic.image_file_name(int(entry.get("image_id", -1))))
-  return original if os.path.isfile(original) else entry["image"]
+  return original if fileio.as_path(original).is_file() else entry["image"]
 
 
 def next_steps(workdir: str, *, python: Optional[str] = None) -> str:
@@ -236,7 +236,7 @@ def next_steps(workdir: str, *, python: Optional[str] = None) -> str:
   The image and sentence are the first of `<workdir>/examples/` (written by `write_overlays`); without them the
   command names placeholders. `python` defaults to this interpreter, so that the commands run as printed.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)
   python = shlex.quote(python or sys.executable)
   q = shlex.quote
   entries = read_examples(workdir)
@@ -263,7 +263,7 @@ def next_steps(workdir: str, *, python: Optional[str] = None) -> str:
     f"  {python} -m fcnet_jax.tools.demo --checkpoint={q(workdir)}",
   ]
   overlays = os.path.join(workdir, OVERLAYS_FILE)
-  if os.path.isfile(overlays):
+  if fileio.as_path(overlays).is_file():
     lines.append(f"  # held-out examples, image | ground truth | prediction: {overlays}")
   return "\n".join(lines)
 
@@ -276,8 +276,8 @@ def after_training(workdir: str, count: int = 8, predictor: Any = None) -> str:
     from fcnet_jax import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
     from fcnet_jax import predict  # pylint: disable=g-import-not-at-top
 
-    best = os.path.join(workdir, checkpoints_lib.BEST_DIR)
-    step = "best" if os.path.isdir(best) and any(name.isdigit() for name in os.listdir(best)) else "latest"
+    best = fileio.as_path(workdir, checkpoints_lib.BEST_DIR)
+    step = "best" if best.is_dir() and any(path.name.isdigit() for path in best.iterdir()) else "latest"
     predictor = predict.Predictor.from_checkpoint(workdir, step)
   if write_overlays(workdir, predictor, count=count) is None:
     return next_steps(workdir) + "\n  (no overlays.png: the evaluation shards are not on this machine)"

@@ -16,7 +16,8 @@ data) through `TENSORSTORE_GCS_HTTP_URL`. Every test asserts that its requests d
   bucket to the end (exit 0) and evaluates there; then `pretrained.load`, `Predictor.from_checkpoint` (the loaders of
   `--mode=eval`, prediction and export) and `config.init_from` (train.read_init_from) read the workdir from the bucket.
 
-Local only (tested elsewhere): the showcase after training (`--noshowcase` here), exports, the converter's
+The showcase after training (overlays.png, examples/, the printed commands) is written into the bucket in-process
+(`showcase.after_training`, what main.py runs at the end). Local only (tested elsewhere): exports, the converter's
 multi-process writing, and the killed-mid-write cases of tests/test_preemption.py.
 """
 
@@ -266,6 +267,7 @@ def test_pretrained_predictor_and_init_from_read_a_gs_workdir(chain):
   from fcnet_jax import predict  # pylint: disable=g-import-not-at-top
   from fcnet_jax import pretrained  # pylint: disable=g-import-not-at-top
   from fcnet_jax import run_config  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import showcase  # pylint: disable=g-import-not-at-top
   from fcnet_jax import train  # pylint: disable=g-import-not-at-top
 
   workdir = chain["workdir"]
@@ -277,6 +279,12 @@ def test_pretrained_predictor_and_init_from_read_a_gs_workdir(chain):
   loaded = pretrained.load(workdir, "latest")
   assert loaded.step == STEPS and loaded.source.startswith(workdir)
   predictor = predict.Predictor.from_checkpoint(workdir, "latest")
+  # main.py's showcase after training: overlays.png, examples/ and the printed commands, in the bucket.
+  text = showcase.after_training(workdir, count=2, predictor=predictor)
+  entries = showcase.read_examples(workdir)
+  assert len(entries) == 2 and all(e["image"].startswith(f"{workdir}/examples/") for e in entries), entries
+  assert fileio.as_path(entries[0]["mask"]).is_file() and fileio.as_path(workdir, "overlays.png").is_file()
+  assert f"--checkpoint={workdir} --image={entries[0]['image']}" in text and f"{workdir}/overlays.png" in text
   variables = train.read_init_from(workdir)  # config.init_from=<workdir>: its best checkpoint.
   best = pretrained.load(workdir, "best")
   # pylint: disable-next=protected-access
