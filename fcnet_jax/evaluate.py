@@ -165,6 +165,7 @@ class Evaluator:
   ):
     self.config, self.model, self.mesh, self.data = config, model, mesh, data
     self._eval_step = jit_eval_step(config, model, mesh)
+    self._compiled_step = None  # Several processes: `_eval_step` compiled by all (`sharding.compile_together`).
 
   def score(
     self, state: InferenceState, batches: Iterable[Batch], *, shuffled: bool = False, num_overlays: int = 0
@@ -175,7 +176,10 @@ class Evaluator:
       for batch in batches:
         if shuffled:
           batch = shuffle_sentences(batch)
-        update, prob = self._eval_step(state, sharding.global_batch(batch, self.mesh))
+        batch_arrays = sharding.global_batch(batch, self.mesh)
+        if jax.process_count() > 1 and self._compiled_step is None:  # No process runs it before all compiled it.
+          self._compiled_step = sharding.compile_together(self._eval_step, state, batch_arrays, name="eval_step")
+        update, prob = (self._compiled_step or self._eval_step)(state, batch_arrays)
         metrics = update if metrics is None else metrics.merge(update)
         if overlays is None and num_overlays:
           prob = multihost_utils.process_allgather(prob, tiled=True) if jax.process_count() > 1 else prob

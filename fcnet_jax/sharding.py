@@ -2,10 +2,19 @@
 
 The batch is sharded over the "data" axis; parameters, optimiser state and BatchNorm statistics are replicated.
 Under jit, BatchNorm's batch statistics are therefore global across devices (XLA inserts the all-reduce).
+
+Several processes: every process compiles the same program, and the first run of a program that talks to devices
+of other processes connects to them (on CPUs, Gloo waits at most 30 s for the others to show up, and jaxlib has no
+setting for it). A process that finished compiling well before another would time out there. `compile_together`
+therefore compiles a jitted function ahead of time, then waits at a barrier of JAX's coordination service (no device
+collective, a generous timeout) until every process has compiled it too.
 """
 
+import itertools
+import time
 from typing import Any, Mapping, Optional, Sequence
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -14,6 +23,10 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 DATA_AXIS = "data"
+# How long a process waits for the others to finish compiling (`compile_together`); compiling R101's step for a
+# large mesh takes minutes, and a slow process is better waited for than failed.
+COMPILE_BARRIER_TIMEOUT_S = 1800
+_barrier_count = itertools.count()
 
 
 def create_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -64,3 +77,40 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   # Python scalars (TrainState.step starts as int 0) become arrays first; typed PRNG keys stay keys.
   tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), tree)
   return multihost_utils.host_local_array_to_global_array(tree, mesh, P())
+
+
+def sync_processes(name: str, timeout_s: float = COMPILE_BARRIER_TIMEOUT_S) -> None:
+  """Returns when every process has called it with the same `name` (in the same order); a no-op for one process.
+
+  A barrier of JAX's coordination service (started by `jax.distributed.initialize`), not a device collective, so
+  it needs no compiled program and waits up to `timeout_s` seconds rather than Gloo's 30.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError(
+      f"{jax.process_count()} processes but no jax.distributed client; call jax.distributed.initialize"
+    )
+  # A barrier id serves once: number them (every process calls in the same order).
+  client.wait_at_barrier(f"fcnet_jax_{name}_{next(_barrier_count)}", int(timeout_s * 1000))
+
+
+def compile_together(jitted: Any, *args: Any, name: str) -> Any:
+  """`jitted` compiled for `args` (`jitted.lower(*args).compile()`), returned once every process has compiled it.
+
+  Call it where the program is first needed, with the arguments of its first call; the returned executable takes
+  arguments of the same shapes and shardings. With one process it only compiles.
+  """
+  start = time.time()
+  compiled = jitted.lower(*args).compile()
+  compiled_at = time.time()
+  sync_processes(f"compiled_{name}")
+  if jax.process_count() > 1:
+    logging.info(
+      "Compiled %s in %.1f s, then waited %.1f s for the other processes.", name, compiled_at - start,
+      time.time() - compiled_at,
+    )  # fmt: skip
+  return compiled

@@ -356,6 +356,8 @@ def train_and_evaluate(
       for step in range(start_step + 1, total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           batch = sharding.global_batch(next(train_iter), mesh)
+          if step == start_step + 1:  # With several processes: none runs it before all have compiled it.
+            step_fn = sharding.compile_together(step_fn, state, batch, name="train_step")
           state, update = step_fn(state, batch)
           finite.update(update.loss.total, state.step)
           train_metrics = update if train_metrics is None else train_metrics.merge(update)

@@ -16,9 +16,8 @@ the learning rate ×0.1 at step 3, dropout on), in subprocesses:
 * non-finite: the finished chain continued to step 8 at learning rate NaN: a one-line error naming step 8 and the
   last good checkpoint (6), and no checkpoint after 6.
 
-* two processes (main.py --config.distributed=True as a faked 2-task SLURM step, one CPU device each): SIGTERM to
-  process 1 only; both stop at the same step (JAX's preemption sync), save it and exit 143; a single-process
-  restart resumes there (a checkpoint is not tied to its topology) and finishes.
+* several processes: tests/test_distributed.py (2 processes × 4 devices, SIGTERM to one, both stop at the same step,
+  resume, and match a single-process run).
 
 In-process (no model): a full disk while saving (a 1 MiB tmpfs mounted here; tests run as root) raises an error
 naming the step and leaves the earlier checkpoint readable; a corrupt step falls back to the previous one.
@@ -248,45 +247,6 @@ def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(chain, dat
   assert error.startswith("error: NonFiniteError: the training loss is not finite at step 8"), error
   assert "the last good checkpoint is step 6 in " in error
   assert complete_steps(workdir)[-1] == STEPS
-
-
-def slurm_env(process_id: int, port: int):
-  """Process `process_id` of a 2-task SLURM job step on this machine: what `jax.distributed.initialize()` (main.py
-  with --config.distributed=True) detects by itself; the coordinator address is given because SLURM's default port
-  is derived from the job id. One CPU device per process: with 4 each (8 in all), setting up the CPU collectives
-  (Gloo) twice out of three tries exceeded its fixed 30 s timeout on a loaded 2-core machine."""
-  env = train_worker.subprocess_env(num_devices=1)
-  env.update(
-    SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(process_id),
-    SLURM_LOCALID=str(process_id), SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-  )  # fmt: skip
-  return env
-
-
-def test_two_processes_agree_on_the_stop_step_and_resume(dataset, reference, tmp_path):
-  """SIGTERM to process 1 only: both stop at the same step (JAX's preemption sync), save it, exit 143. The restart
-  (one process, one device: a checkpoint is not tied to its topology) resumes there and finishes."""
-  workdir = str(tmp_path / "workdir")
-  port = train_worker.free_port()
-  command = main_command(workdir, dataset, "--config.distributed=True")
-  runs = [Run(command, str(tmp_path / f"process_{i}.log"), env=slurm_env(i, port)) for i in range(2)]
-  runs[1].wait_for(r"\[1\] train/")
-  runs[1].process.send_signal(signal.SIGTERM)
-  codes = [run.finish() for run in runs]
-  assert codes == [preemption.PREEMPTED_EXIT_CODE] * 2, [run.text()[-3000:] for run in runs]
-  assert [f"JAX process {i} / 2" in run.text() for i, run in enumerate(runs)] == [True, True]
-  stops = {int(re.search(r"Preempted at step (\d+)", run.text()).group(1)) for run in runs}
-  assert len(stops) == 1 and complete_steps(workdir)[-1] == min(stops) < STEPS, stops
-
-  resumed = Run(main_command(workdir, dataset), str(tmp_path / "resumed.log"))
-  assert resumed.finish() == 0, resumed.text()[-3000:]
-  assert f"Resumed from step {min(stops)}" in resumed.text()
-  got = read_checkpoint(workdir, STEPS)
-  assert got.keys() == read_checkpoint(reference, STEPS).keys() and int(got["['step']"]) == STEPS
-  assert all(np.isfinite(value).all() for value in got.values() if np.issubdtype(value.dtype, np.floating))
-  # Every step logged once, across the two runs. (The values are not the reference's: with two processes each reads
-  # its own part of the shards, so the batches differ; tests/test_distributed.py feeds explicit batches for that.)
-  assert sorted(train_worker.read_scalars(workdir)["train/loss"]) == list(range(1, STEPS + 1))
 
 
 # ------------------------------------------------------------------------------------------------------------

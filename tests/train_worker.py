@@ -3,12 +3,14 @@
 JAX fixes its devices when its backend starts, so a run on 8 simulated CPU devices or as one of two processes
 needs its own interpreter; this script is that interpreter. It also holds the helpers both test files share.
 
-  python tests/train_worker.py train --tfrecord_dir=D --workdir=W --out=O [--num_processes=2 --process_id=i
-      --coordinator=127.0.0.1:PORT] [--dump_steps=1,2]
-      `train.train_and_evaluate` for `--steps` steps on explicit global batches (the first `--steps` batches of
-      the single-process training stream), every process feeding only the rows its devices hold; evaluation
-      reads the real per-process evaluation pipeline. Writes O/state.npz (final state), O/state_<n>.npz (the
-      checkpoints of --dump_steps), O/result.json (last evaluation, devices, process, which rows were fed).
+  python tests/train_worker.py train --tfrecord_dir=D --workdir=W --out=O [--distributed=true] [--dump_steps=1,2]
+      main.py's `main` with `make_config`'s settings as flags (and --config.distributed); the one substitution:
+      `train.train_and_evaluate` trains on explicit global batches (the first `--steps` batches of the
+      single-process training stream), every process feeding only the rows its devices hold; evaluation reads the
+      real per-process evaluation pipeline. Run the processes of a multi-process run with `slurm_env`. Writes
+      O/result.json (devices, process, which rows were fed; the last evaluation, or "preempted_at" when the run
+      stopped on SIGTERM with status 143), and when it finished O/state.npz (final state) and O/state_<n>.npz (the
+      checkpoints of --dump_steps).
   python tests/train_worker.py sharded_step --tfrecord_dir=D --out=O
       One `train.jit_train_step` on the first global batch over every device (run it with
       XLA_FLAGS=--xla_force_host_platform_device_count=8). Writes O/state.npz and O/result.json.
@@ -22,6 +24,7 @@ builds once per test run (`build_once`, `build_trained_workdir`; see conftest's 
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -372,47 +375,91 @@ def _write_json(path: str, payload: Mapping[str, Any]):
   fileio.write_json(path, payload)
 
 
-def _train(args, config) -> None:
+def config_overrides(steps: int) -> List[str]:
+  """`make_config`'s changes to configs/tiny.py as main.py flags (on top of `main_command`'s)."""
+  return [
+    "--config.data.eval_splits=('val',)",
+    f"--config.num_train_steps={steps}",
+    f"--config.eval_every_steps={steps}",
+    "--config.checkpoint_every_steps=1",
+    f"--config.keep_checkpoints={max(steps, 1)}",
+    "--config.log_every_steps=1",
+    "--config.learning_rate=1e-3",
+    "--config.lr_decay_epochs=(0.6,)",
+  ]
+
+
+def slurm_env(process_id: int, num_processes: int, port: int, num_devices: int = 1) -> Dict[str, str]:
+  """`subprocess_env(num_devices)` as process `process_id` of a SLURM job step of `num_processes` tasks on this
+  machine: what `jax.distributed.initialize()` (main.py with --config.distributed=True) detects by itself. The
+  coordinator address is given because SLURM's default port is derived from the job id."""
+  env = subprocess_env(num_devices)
+  env.update(
+    SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=str(num_processes),
+    SLURM_PROCID=str(process_id), SLURM_LOCALID=str(process_id), SLURM_STEP_NUM_NODES="1",
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+  )  # fmt: skip
+  return env
+
+
+def _train(args, expected_config) -> None:
+  """main.py's `main` (flags, `jax.distributed.initialize()` with --distributed, the loop, exit status 143 when
+  preempted) with one substitution: `train.train_and_evaluate` gets the explicit global batches. main.py's flags
+  must give `expected_config` (`make_config`)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from fcnet_jax import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
   from fcnet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import preemption  # pylint: disable=g-import-not-at-top
   from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
   from fcnet_jax import train  # pylint: disable=g-import-not-at-top
+  import main as main_py  # pylint: disable=g-import-not-at-top
 
-  rows = _own_rows(sharding.create_mesh(), config.batch_size)
-  fed = []
+  train_and_evaluate = train.train_and_evaluate
 
-  def train_iter_fn(start_step: int):
-    for batch in _global_batches(config, start_step):
-      fed.append(batch["ref_id"][rows].tolist())
-      yield {name: value[rows] for name, value in batch.items()}
+  def with_explicit_batches(config, workdir, data=None):
+    assert data is None and workdir == args.workdir
+    expected_config.distributed = args.distributed == "true"
+    assert config.to_dict() == expected_config.to_dict(), "main.py's flags do not give make_config's configuration"
+    rows, fed = _own_rows(sharding.create_mesh(), config.batch_size), []
 
-  data = data_lib.DataSource(config, train_iter_fn=train_iter_fn)
-  state, eval_metrics = train.train_and_evaluate(config, args.workdir, data=data)
-  logging.info("worker: train_and_evaluate returned")
-  np.savez(os.path.join(args.out, "state.npz"), **flat_state(state))
-  checkpoints = checkpoints_lib.Checkpoints(args.workdir, read_only=True)
-  for step in [int(s) for s in args.dump_steps.split(",") if s]:
-    restored = checkpoints.restore(state, step)
-    logging.info("worker: restored step %d", step)
-    np.savez(os.path.join(args.out, f"state_{step}.npz"), **flat_state(restored))
-  checkpoints.close()
-  logging.info("worker: dumped")
-  _write_json(
-    os.path.join(args.out, "result.json"),
-    {
-      "eval": eval_metrics,
+    def train_iter_fn(start_step: int):
+      # Read up front: no tf.data pipeline left running beside the training (closing one took up to a minute).
+      batches = list(itertools.islice(_global_batches(config, start_step), config.num_train_steps - start_step))
+      for batch in batches:
+        fed.append(batch["ref_id"][rows].tolist())
+        yield {name: value[rows] for name, value in batch.items()}
+
+    result = {
       "process_index": jax.process_index(),
       "process_count": jax.process_count(),
       "device_count": jax.device_count(),
       "local_device_count": jax.local_device_count(),
       "rows": [rows.start, rows.stop],
       "fed_ref_ids": fed,
-    },
-  )
+    }
+    try:
+      state, eval_metrics = train_and_evaluate(
+        config, workdir, data_lib.DataSource(config, train_iter_fn=train_iter_fn)
+      )
+    except preemption.Preempted as e:
+      _write_json(os.path.join(args.out, "result.json"), {**result, "preempted_at": e.step})
+      raise
+    logging.info("worker: train_and_evaluate returned")
+    np.savez(os.path.join(args.out, "state.npz"), **flat_state(state))
+    checkpoints = checkpoints_lib.Checkpoints(workdir, read_only=True)
+    for step in [int(s) for s in args.dump_steps.split(",") if s]:
+      np.savez(os.path.join(args.out, f"state_{step}.npz"), **flat_state(checkpoints.restore(state, step)))
+    checkpoints.close()
+    _write_json(os.path.join(args.out, "result.json"), {**result, "eval": eval_metrics})
+    return state, eval_metrics
+
+  train.train_and_evaluate = with_explicit_batches
+  flags = main_command(args.workdir, args.tfrecord_dir, *config_overrides(args.steps))[2:]
+  sys.argv = ["main.py", *flags, f"--config.distributed={args.distributed == 'true'}"]
+  main_py.run()
 
 
 def _sharded_step(args, config) -> None:
@@ -461,29 +508,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--out", required=True)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--dump_steps", default="")
-  parser.add_argument("--num_processes", type=int, default=1)
-  parser.add_argument("--process_id", type=int, default=0)
-  parser.add_argument("--coordinator", default="")
+  parser.add_argument("--distributed", choices=["true", "false"], default="false", help="train: main.py's flag")
   args = parser.parse_args(argv)
   sys.path.insert(0, REPO)
+  import faulthandler  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+
+  faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to the log.
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   logging.use_absl_handler()  # The loop's INFO logs (steps, evaluations) go to the worker's log file.
   logging.set_verbosity(logging.INFO)
-  import jax  # pylint: disable=g-import-not-at-top
-
-  if args.num_processes > 1:
-    jax.distributed.initialize(
-      coordinator_address=args.coordinator,
-      num_processes=args.num_processes,
-      process_id=args.process_id,
-      initialization_timeout=120,
-    )
   os.makedirs(args.out, exist_ok=True)
   config = make_config(args.tfrecord_dir, args.steps)
   {"train": _train, "sharded_step": _sharded_step, "evaluate": _evaluate}[args.mode](args, config)
-  if args.num_processes > 1:
-    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
