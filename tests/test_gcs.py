@@ -126,10 +126,14 @@ def test_checkpoints_keep_resume_clean_up_and_fall_back(gcs):
     checkpoints.save_latest(step, _tree(step))
   checkpoints.wait()
   assert checkpoints.steps()["checkpoints"] == [2, 3]
-  # A step killed mid-write (its temporary directory) is never listed, and the next writer removes it.
   latest = fileio.as_path(workdir) / checkpoints_lib.LATEST_DIR
-  (latest / "4.orbax-checkpoint-tmp" / "default").mkdir(parents=True)
-  (latest / "4.orbax-checkpoint-tmp" / "default" / "_METADATA").write_text("{")
+  # On gs:// (no atomic rename) Orbax writes a step under its final name and marks it complete last.
+  assert sorted(p.name for p in (latest / "3").iterdir()) == ["_CHECKPOINT_METADATA", "commit_success.txt", "default"]
+  # A step killed mid-write is never listed, and the next writer removes it: on gs:// one without its
+  # commit_success.txt, and (as a local disk leaves it) a temporary directory.
+  for half_written in ("4", "5.orbax-checkpoint-tmp"):
+    (latest / half_written / "default").mkdir(parents=True)
+    (latest / half_written / "default" / "_METADATA").write_text("{")
   reopened = checkpoints_lib.Checkpoints(workdir, keep=2)
   assert reopened.latest_step() == 3
   assert sorted(p.name for p in latest.iterdir()) == ["2", "3"]
