@@ -356,7 +356,7 @@ def train_and_evaluate(
       for step in range(start_step + 1, total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           batch = sharding.global_batch(next(train_iter), mesh)
-          if step == start_step + 1:  # With several processes: none runs it before all have compiled it.
+          if step == start_step + 1 and jax.process_count() > 1:  # None runs it before all have compiled it.
             step_fn = sharding.compile_together(step_fn, state, batch, name="train_step")
           state, update = step_fn(state, batch)
           finite.update(update.loss.total, state.step)

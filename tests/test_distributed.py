@@ -8,7 +8,8 @@ Every run is a fresh interpreter (tests/train_worker.py): JAX fixes its devices 
   8), one process, one CPU device, STEPS steps and an evaluation at the end.
 * 8 devices (`--xla_force_host_platform_device_count=8`): one `train_step` on the first global batch, one example
   per device.
-* 2 processes × 4 CPU devices, as the two tasks of a faked SLURM job step (main.py --config.distributed=True:
+* 2 processes × 4 CPU devices, with the workdir on gs:// (a local GCS emulator), as the two tasks of a faked SLURM
+  job step (main.py --config.distributed=True:
   `jax.distributed.initialize()` finds the coordinator and its process id in the SLURM variables; Gloo CPU
   collectives), each process feeding only its 4 rows of every global batch. Process 1 alone gets SIGTERM once step 1
   is logged: both stop at the same step (JAX's preemption sync), save it and exit 143. The restart (2 × 4 again)
@@ -47,6 +48,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from fcnet_jax import preemption  # pylint: disable=g-import-not-at-top,wrong-import-position
+import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # pycocotools (synthetic data / converter) warns once per decoded mask under NumPy 2.
@@ -197,8 +199,14 @@ def _finish(workers, timeout: float = TIMEOUT_S):
 
 
 def test_two_processes_preempted_resume_and_match_one_process(dataset, reference, tmp_path):
+  """The workdir is in a bucket of the local GCS emulator (tests/gcs_emulator.py): both processes write their
+  shards of every checkpoint there, process 0 the TensorBoard events, and the restart resumes from it."""
+  with gcs_emulator.running(str(tmp_path / "gcs")) as gcs:
+    _two_processes_preempted_resume_and_match_one_process(dataset, reference, tmp_path, f"{gcs.bucket}/dist")
+
+
+def _two_processes_preempted_resume_and_match_one_process(dataset, reference, tmp_path, workdir: str):
   shards, summary = dataset
-  workdir = str(tmp_path / "workdir")
   flags = {"steps": STEPS, "tfrecord_dir": shards, "workdir": workdir, "dump_steps": "1"}
 
   # 1. Two processes train; process 1 alone gets SIGTERM once step 1 is logged.

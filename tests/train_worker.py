@@ -271,9 +271,9 @@ def read_summaries(workdir: str) -> List[Tuple[int, Any]]:
 
   tf = import_tensorflow()
   values = []
-  for name in sorted(os.listdir(workdir)):
+  for name in sorted(tf.io.gfile.listdir(workdir)):  # Local or gs://.
     if name.startswith("events.out.tfevents"):
-      for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+      for event in tf.compat.v1.train.summary_iterator(f"{workdir.rstrip('/')}/{name}"):
         values.extend((int(event.step), value) for value in event.summary.value)
   return values
 
@@ -299,8 +299,10 @@ def read_scalars(workdir: str) -> Dict[str, Dict[int, float]]:
 
 
 def checkpoint_steps(workdir: str, manager: str) -> List[int]:
-  """The steps of the Orbax checkpoints in `workdir`/`manager` ("checkpoints" or "best")."""
-  return sorted(int(name) for name in os.listdir(os.path.join(workdir, manager)) if name.isdigit())
+  """The steps of the Orbax checkpoints in `workdir`/`manager` ("checkpoints" or "best"); local or gs://."""
+  from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
+
+  return sorted(int(path.name) for path in fileio.as_path(workdir, manager).iterdir() if path.name.isdigit())
 
 
 def load_npz(path: str) -> Dict[str, Any]:
