@@ -11,9 +11,6 @@ needs its own interpreter; this script is that interpreter. It also holds the he
       O/result.json (devices, process, which rows were fed; the last evaluation, or "preempted_at" when the run
       stopped on SIGTERM with status 143), and when it finished O/state.npz (final state) and O/state_<n>.npz (the
       checkpoints of --dump_steps).
-  python tests/train_worker.py sharded_step --tfrecord_dir=D --out=O
-      One `train.jit_train_step` on the first global batch over every device (run it with
-      XLA_FLAGS=--xla_force_host_platform_device_count=8). Writes O/state.npz and O/result.json.
   python tests/train_worker.py evaluate --tfrecord_dir=D --workdir=W --out=O
       `evaluate.evaluate` of W's latest checkpoint. Writes O/result.json.
 
@@ -464,37 +461,6 @@ def _train(args, expected_config) -> None:
   main_py.run()
 
 
-def _sharded_step(args, config) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  from fcnet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from fcnet_jax import sharding  # pylint: disable=g-import-not-at-top
-  from fcnet_jax import train  # pylint: disable=g-import-not-at-top
-  from fcnet_jax.models import fcnet  # pylint: disable=g-import-not-at-top
-
-  # What train_and_evaluate builds before its first step.
-  steps_per_epoch, total_steps = train.schedule_lengths(
-    config, data_lib.DataSource(config).split_sizes()["train"]["refs"]
-  )
-  model, mesh = fcnet.build_model(config.model), sharding.create_mesh()
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch, total_steps))
-  state = train.initial_state(config, model, tx, mesh)
-  batch = sharding.global_batch(next(_global_batches(config, 0)), mesh)
-  with sharding.use_mesh(mesh):
-    state, metrics = train.jit_train_step(config, model, mesh)(state, batch)
-  np.savez(os.path.join(args.out, "state.npz"), **flat_state(state))
-  _write_json(
-    os.path.join(args.out, "result.json"),
-    {
-      "train": metrics.compute(),
-      "device_count": jax.device_count(),
-      "image_shards": [list(s.data.shape) for s in batch["image"].addressable_shards],
-      "params_replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)),
-    },
-  )
-
-
 def _evaluate(args, config) -> None:
   from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top
 
@@ -504,7 +470,7 @@ def _evaluate(args, config) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["train", "sharded_step", "evaluate"])
+  parser.add_argument("mode", choices=["train", "evaluate"])
   parser.add_argument("--tfrecord_dir", required=True)
   parser.add_argument("--workdir", default="")
   parser.add_argument("--out", required=True)
@@ -523,7 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   logging.set_verbosity(logging.INFO)
   os.makedirs(args.out, exist_ok=True)
   config = make_config(args.tfrecord_dir, args.steps)
-  {"train": _train, "sharded_step": _sharded_step, "evaluate": _evaluate}[args.mode](args, config)
+  {"train": _train, "evaluate": _evaluate}[args.mode](args, config)
 
 
 if __name__ == "__main__":
