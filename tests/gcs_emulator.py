@@ -5,8 +5,9 @@ subprocesses it starts, which inherit the environment) at it; it yields an `Emul
 `env` (the variables it set), `requests()` (what the clients sent). The server process holds:
 
 * `gcp-storage-emulator` (GCS's JSON API in memory) on 127.0.0.1, patched where it differs from GCS in ways the
-  clients rely on (see "Emulator fixes" below). gcsfs reaches it through `STORAGE_EMULATOR_HOST` (etils.epath with
-  `EPATH_USE_TF=false`), tensorstore (Orbax's array data) through `TENSORSTORE_GCS_HTTP_URL`.
+  clients rely on (see "Emulator fixes" below). google-cloud-storage (Orbax asks it whether a bucket has a
+  hierarchical namespace before listing steps) and gcsfs (etils.epath with `EPATH_USE_TF=false`) reach it through
+  `STORAGE_EMULATOR_HOST`, tensorstore (Orbax's array data) through `TENSORSTORE_GCS_HTTP_URL`.
 * A TLS-terminating HTTP CONNECT proxy for TensorFlow's GCS client (tf.io.gfile: TFRecords, TensorBoard events, and
   etils.epath, which uses tf.io.gfile when TensorFlow is installed). That client has no endpoint setting: it always
   calls https://www.googleapis.com/storage/v1/… (metadata, listing, copies), https://www.googleapis.com/upload/…
@@ -71,8 +72,8 @@ class Emulator:
 
 
 def client_env(emulator_url: str, proxy_url: str, ca_path: str) -> Dict[str, str]:
-  """The variables that send every client to the emulator: gcsfs and tensorstore directly, TensorFlow's GCS
-  client through the proxy (which it trusts through `ca_path`)."""
+  """The variables that send every client to the emulator: google-cloud-storage, gcsfs and tensorstore directly,
+  TensorFlow's GCS client through the proxy (which it trusts through `ca_path`)."""
   return {
     "STORAGE_EMULATOR_HOST": emulator_url,
     "TENSORSTORE_GCS_HTTP_URL": emulator_url,
