@@ -37,8 +37,6 @@ import math
 import os
 import re
 import signal
-import subprocess
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -133,30 +131,13 @@ def adam_ratio_bound(t: int) -> float:
   return math.sqrt(1 - ADAM_B2**t) / (1 - ADAM_B1**t) * math.sqrt(sum(terms))
 
 
-class Worker:
+class Worker(train_worker.LoggedProcess):
   """A train_worker subprocess with its output in `out`/log.txt."""
 
   def __init__(self, command, out: str, env):
     os.makedirs(out, exist_ok=True)
-    self.command, self.out, self.log_path = command, out, os.path.join(out, "log.txt")
-    with open(self.log_path, "w") as log:
-      self.process = subprocess.Popen(command, cwd=train_worker.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-  def text(self) -> str:
-    with open(self.log_path) as f:
-      return f.read()
-
-  def wait_for(self, pattern: str, timeout: float = TIMEOUT_S) -> re.Match:
-    """Polls the log for `pattern`; fails if the process ends first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-      match = re.search(pattern, self.text())
-      if match:
-        return match
-      if self.process.poll() is not None:
-        raise AssertionError(f"exited ({self.process.returncode}) before {pattern!r}:\n{self.text()[-4000:]}")
-      time.sleep(0.05)
-    raise AssertionError(f"no {pattern!r} within {timeout} s")
+    self.out = out
+    super().__init__(command, os.path.join(out, "log.txt"), env, timeout=TIMEOUT_S)
 
   def result(self) -> dict:
     return _read_json(os.path.join(self.out, "result.json"))

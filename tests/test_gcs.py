@@ -21,12 +21,11 @@ The showcase after training (overlays.png, examples/, the printed commands) is w
 multi-process writing, and the killed-mid-write cases of tests/test_preemption.py.
 """
 
+import functools
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -181,34 +180,7 @@ def test_compile_cache_in_a_gs_workdir(gcs, tmp_path):
 # End to end.
 
 
-class _Run:
-  """A subprocess whose output goes to a log file."""
-
-  def __init__(self, command, log_path: str, env=None):
-    self.log_path = log_path
-    with open(log_path, "w") as log:
-      self.process = subprocess.Popen(
-        command, cwd=train_worker.REPO, env=env or train_worker.subprocess_env(), stdout=log, stderr=subprocess.STDOUT
-      )
-
-  def text(self) -> str:
-    with open(self.log_path) as f:
-      return f.read()
-
-  def wait_for(self, pattern: str, timeout: float = TIMEOUT_S):
-    deadline = time.time() + timeout
-    while not re.search(pattern, self.text()):
-      if self.process.poll() is not None or time.time() > deadline:
-        raise AssertionError(f"no {pattern!r} (exit {self.process.poll()}):\n{self.text()[-4000:]}")
-      time.sleep(0.05)
-
-  def finish(self) -> int:
-    try:
-      return self.process.wait(timeout=TIMEOUT_S)
-    finally:
-      if self.process.poll() is None:
-        self.process.kill()
-        self.process.wait()
+_Run = functools.partial(train_worker.LoggedProcess, timeout=TIMEOUT_S)  # A subprocess logging to a file.
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ naming the step and leaves the earlier checkpoint readable; a corrupt step falls
 """
 
 import contextlib
+import functools
 import os
 import random
 import re
@@ -73,40 +74,8 @@ def main_command(workdir: str, tfrecord_dir: str, *overrides: str):
   ]
 
 
-class Run:
-  """A main.py subprocess whose output goes to a log file, with helpers to wait for log lines and kill it."""
-
-  def __init__(self, command, log_path: str, env=None):
-    self.log_path = log_path
-    self._log = open(log_path, "w")  # pylint: disable=consider-using-with
-    self.process = subprocess.Popen(
-      command, cwd=train_worker.REPO, env=env or train_worker.subprocess_env(), stdout=self._log,
-      stderr=subprocess.STDOUT,
-    )  # fmt: skip
-
-  def text(self) -> str:
-    with open(self.log_path) as f:
-      return f.read()
-
-  def wait_for(self, pattern: str, timeout: float = TIMEOUT_S, poll: float = 0.05) -> re.Match:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-      match = re.search(pattern, self.text())
-      if match:
-        return match
-      if self.process.poll() is not None:
-        raise AssertionError(f"exited ({self.process.returncode}) before {pattern!r}:\n{self.text()[-4000:]}")
-      time.sleep(poll)
-    raise AssertionError(f"no {pattern!r} within {timeout} s")
-
-  def finish(self, timeout: float = TIMEOUT_S) -> int:
-    try:
-      return self.process.wait(timeout=timeout)
-    finally:
-      if self.process.poll() is None:
-        self.process.kill()
-        self.process.wait()
-      self._log.close()
+# A main.py subprocess whose output goes to a log file (wait for log lines, kill it): Run(command, log_path[, env]).
+Run = functools.partial(train_worker.LoggedProcess, timeout=TIMEOUT_S)
 
 
 def entries(workdir: str, manager: str = checkpoints_lib.LATEST_DIR):

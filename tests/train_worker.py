@@ -15,8 +15,9 @@ needs its own interpreter; this script is that interpreter. It also holds the he
       `evaluate.evaluate` of W's latest checkpoint. Writes O/result.json.
 
 Shared by the test files (no JAX import at module level): `main_command` (the `python main.py` command line of
-every test that runs the entry point), the tiny dataset and the one trained tiny workdir that tests/conftest.py
-builds once per test run (`build_once`, `build_trained_workdir`; see conftest's docstring).
+every test that runs the entry point), `LoggedProcess` (a subprocess whose output goes to a log file, to wait for
+log lines and kill it), the tiny dataset and the one trained tiny workdir that tests/conftest.py builds once per
+test run (`build_once`, `build_trained_workdir`; see conftest's docstring).
 """
 
 import argparse
@@ -24,10 +25,12 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,6 +247,47 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+class LoggedProcess:
+  """A subprocess (from the repository root) whose output goes to `log_path`: wait for log lines, then for its exit.
+
+  `timeout` bounds each wait (`wait_for`, `finish`) unless the call gives its own; env defaults to `subprocess_env()`.
+  """
+
+  def __init__(self, command: Sequence[str], log_path: str, env: Optional[Mapping[str, str]] = None, *,
+               timeout: float = TIMEOUT_S):  # fmt: skip
+    self.command, self.log_path, self.timeout = command, log_path, timeout
+    with open(log_path, "w") as log:
+      self.process = subprocess.Popen(
+        command, cwd=REPO, env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT
+      )
+
+  def text(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
+
+  def wait_for(self, pattern: str, timeout: Optional[float] = None, poll: float = 0.05) -> re.Match:
+    """Polls the log for `pattern`; fails if the process ends first or the time runs out."""
+    timeout = self.timeout if timeout is None else timeout
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      match = re.search(pattern, self.text())
+      if match:
+        return match
+      if self.process.poll() is not None:
+        raise AssertionError(f"exited ({self.process.returncode}) before {pattern!r}:\n{self.text()[-4000:]}")
+      time.sleep(poll)
+    raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.text()[-4000:]}")
+
+  def finish(self, timeout: Optional[float] = None) -> int:
+    """The exit status; a process still running after the timeout is killed (and the wait fails)."""
+    try:
+      return self.process.wait(timeout=self.timeout if timeout is None else timeout)
+    finally:
+      if self.process.poll() is None:
+        self.process.kill()
+        self.process.wait()
 
 
 def run_checked(command: Sequence[str], log_path: str, timeout: float, env: Optional[Mapping[str, str]] = None):
