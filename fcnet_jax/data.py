@@ -188,14 +188,12 @@ class DataSource:
     c = self.config
     if not c.data.get("device_letterbox", False):
       return False
-    why_not = None
-    if c.data.letterbox != "integer":
-      why_not = f"config.data.letterbox={c.data.letterbox!r} (only 'integer' is reproduced on the device)"
-    elif self._pipeline().metadata.format_version(self._info()) < 2:
-      why_not = f"{self.tfrecord_dir} holds record format 1 shards (convert again for format 2's mask crops)"
-    if why_not:
-      logging.info("Training batches are letterboxed on the host: %s.", why_not)
-    return why_not is None
+    try:  # The pipeline's own check of what the device letterbox needs.
+      self._pipeline().metadata.check_device_letterbox(self._info(), self.tfrecord_dir, c.data.letterbox)
+    except ValueError as e:
+      logging.info("Training batches are letterboxed on the host: %s", e)
+      return False
+    return True
 
   def train(self, start_step: int) -> Iterator[Batch]:
     """The training stream from `start_step` on (a restarted run continues where it stopped)."""
