@@ -44,6 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Byte-compiled modules are kept (__pycache__) even where the environment says not to (PYTHONDONTWRITEBYTECODE, set
+# on some CI images): the tests start ~60 Python processes (main.py, converters, workers), each importing JAX,
+# TensorFlow, Flax and Orbax; compiling their sources anew costs each ~15 CPU-seconds on the CI machine.
+# .ci/run installs with `pip --no-compile`, so the first import of a module writes its .pyc for the rest.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 # Before anything starts jax's backend: the workers' fast-compiling XLA flags (train_worker.FAST_COMPILE_FLAG) in
 # this process too, so that in-process compilations are cheaper and share cache entries with the workers.
 os.environ["XLA_FLAGS"] = train_worker.xla_flags(os.environ.get("XLA_FLAGS", ""))

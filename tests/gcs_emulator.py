@@ -70,6 +70,12 @@ class Emulator:
     with open(self.log_path) as f:
       return [line.split(" ", 1)[1].strip() for line in f if line.startswith("proxy ")]
 
+  def reached(self, pattern: str) -> List[str]:
+    """The proxied requests (TensorFlow's GCS client) matching `pattern`; fails if there are none."""
+    found = [r for r in self.requests() if re.search(pattern, r)]
+    assert found, f"no request matching {pattern!r} reached the emulator: {self.requests()[-20:]}"
+    return found
+
 
 def client_env(emulator_url: str, proxy_url: str, ca_path: str) -> Dict[str, str]:
   """The variables that send every client to the emulator: google-cloud-storage, gcsfs and tensorstore directly,

@@ -1,19 +1,28 @@
-"""Data-parallel training across devices and processes equals training on one device, and a preempted
-multi-process run resumes where all its processes stopped (fcnet_jax/train.py, fcnet_jax/sharding.py,
-fcnet_jax/preemption.py, main.py).
+"""End to end in a bucket, with two processes: converted there, trained there by 2 processes × 4 CPU devices,
+preempted, resumed, evaluated, and then read back by every loader; the training equals a single-process run
+(fcnet_jax/train.py, fcnet_jax/sharding.py, fcnet_jax/preemption.py, input_pipeline/convert.py, main.py).
 
-Every run is a fresh interpreter (tests/train_worker.py): JAX fixes its devices when its backend starts.
+Every run is a fresh interpreter (tests/train_worker.py): JAX fixes its devices when its backend starts. The bucket
+is a local GCS emulator (tests/gcs_emulator.py) that TensorFlow's, tensorstore's and google-cloud-storage's clients
+all reach; tests/test_gcs.py tests the clients one by one.
 
+* converted: synthetic refer data generated into the bucket; `python -m input_pipeline.convert` reads it there and
+  writes its shards there. They equal, byte for byte, the suite's local shards (tests/conftest.py `tiny_dataset`,
+  converted from the same data).
 * reference: main.py's `main` (train_worker `train`: only the training stream replaced by explicit global batches of
-  8), one process, one CPU device, STEPS steps and an evaluation at the end.
-* 2 processes × 4 CPU devices, with the workdir on gs:// (a local GCS emulator), as the two tasks of a faked SLURM
-  job step (main.py --config.distributed=True:
-  `jax.distributed.initialize()` finds the coordinator and its process id in the SLURM variables; Gloo CPU
-  collectives), each process feeding only its 4 rows of every global batch. Process 1 alone gets SIGTERM once step 1
-  is logged: both stop at the same step (JAX's preemption sync), save it and exit 143. The restart (2 × 4 again)
-  resumes there and finishes; it evaluates its own part of the split (the real evaluation pipeline splits the pairs
-  by process) and both report the merged metrics, equal to one process evaluating the final checkpoint alone. The
-  two runs fed exactly the reference's global batches, and the two processes hold bit-identical states.
+  8), one process, one CPU device, STEPS steps and an evaluation at the end, on the local shards.
+* 2 processes × 4 CPU devices, the workdir and the shards in the bucket, as the two tasks of a faked SLURM job step
+  (main.py --config.distributed=True: `jax.distributed.initialize()` finds the coordinator and its process id in
+  the SLURM variables; Gloo CPU collectives), each process feeding only its 4 rows of every global batch. Process 1
+  alone gets SIGTERM once step 1 is logged: both stop at the same step (JAX's preemption sync), save it and exit
+  143. The restart (2 × 4 again) resumes there and finishes; it evaluates its own part of the split (the real
+  evaluation pipeline reads the bucket's shards and splits the pairs by process) and both report the merged
+  metrics. The two runs fed exactly the reference's global batches, and the two processes hold bit-identical
+  states.
+* the bucket's workdir read back in this process: `evaluate.evaluate` (what `main.py --mode=eval` runs; one
+  process, one device) scores what the two processes scored together; `pretrained.load`, `Predictor.from_checkpoint`
+  (the loaders of prediction and export), `config.init_from` (train.read_init_from) and the showcase after training
+  (overlays.png, examples/, the printed commands, written into the bucket).
 
 Tolerances. Sharding changes the order of float32 reductions (gradient all-reduce, BatchNorm statistics), so the
 runs agree to rounding, not bitwise: measured, the gradients differ by ≤ 3e-5 of each tensor's largest entry and
@@ -37,6 +46,7 @@ import math
 import os
 import re
 import signal
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -58,12 +68,6 @@ ADAM_B1, ADAM_B2 = 0.9, 0.999
 TIMEOUT_S = 900
 
 
-@pytest.fixture(scope="module")
-def dataset(tiny_dataset):
-  """(shard dir, converter summary) of conftest's shared tiny dataset."""
-  return tiny_dataset.tfrecord_dir, tiny_dataset.summary
-
-
 def _read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
@@ -79,9 +83,10 @@ def _run_worker(out: str, mode: str, num_devices: int = 1, **flags):
 
 
 @pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory):
-  """One process, one device: the result, the state after step 1 and at the end, the logged losses."""
-  shards, _ = dataset
+def reference(tiny_dataset, tmp_path_factory):
+  """One process, one device, on the local shards: the result, the state after step 1 and at the end, the logged
+  losses."""
+  shards = tiny_dataset.tfrecord_dir
   root = tmp_path_factory.mktemp("reference")
   workdir, out = str(root / "workdir"), str(root / "out")
   result = _run_worker(out, "train", tfrecord_dir=shards, workdir=workdir, dump_steps="1")
@@ -165,35 +170,75 @@ def _finish(workers, timeout: float = TIMEOUT_S):
         worker.process.wait()
 
 
-def test_two_processes_preempted_resume_and_match_one_process(dataset, reference, tmp_path):
-  """The workdir is in a bucket of the local GCS emulator (tests/gcs_emulator.py): both processes write their
-  shards of every checkpoint there, process 0 the TensorBoard events, and the restart resumes from it."""
-  with gcs_emulator.running(str(tmp_path / "gcs")) as gcs:
-    _two_processes_preempted_resume_and_match_one_process(dataset, reference, tmp_path, f"{gcs.bucket}/dist")
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  with gcs_emulator.running(str(tmp_path_factory.mktemp("gcs"))) as emulator:
+    yield emulator
 
 
-def _two_processes_preempted_resume_and_match_one_process(dataset, reference, tmp_path, workdir: str):
-  shards, summary = dataset
-  flags = {"steps": STEPS, "tfrecord_dir": shards, "workdir": workdir, "dump_steps": "1"}
+@pytest.fixture(scope="module")
+def converted(gcs, tmp_path_factory):
+  """Synthetic refer data generated into the bucket and converted there by the real command: the shard dir."""
+  from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
 
+  raw, shards = f"{gcs.bucket}/raw", f"{gcs.bucket}/shards"
+  synthetic.generate(raw, seed=0, num_train_images=12, num_eval_images=4)  # As tests/train_worker.make_dataset.
+  command = [sys.executable, "-m", "input_pipeline.convert", f"--refer_root={raw}", f"--coco_images={raw}/images",
+             "--dataset=refcoco", "--split_by=unc", f"--out={shards}", "--num_workers=1"]  # fmt: skip
+  train_worker.run_checked(command, str(tmp_path_factory.mktemp("convert") / "convert.log"), TIMEOUT_S)
+  return shards
+
+
+@pytest.fixture(scope="module")
+def runs(gcs, converted, tmp_path_factory):
+  """The two-process run (SIGTERM to process 1) and its restart, in the bucket: {"workdir", "first", "resumed"}
+  (the workers of each)."""
+  root, workdir = tmp_path_factory.mktemp("two_processes"), f"{gcs.bucket}/dist"
+  flags = {"steps": STEPS, "tfrecord_dir": converted, "workdir": workdir, "dump_steps": "1"}
   # 1. Two processes train; process 1 alone gets SIGTERM once step 1 is logged.
-  first = _start_two(str(tmp_path / "first"), **flags)
-  first[1].wait_for(r"\[1\] train/")
-  first[1].process.send_signal(signal.SIGTERM)
-  codes = _finish(first)
+  first = _start_two(str(root / "first"), **flags)
+  try:
+    first[1].wait_for(r"\[1\] train/")
+    first[1].process.send_signal(signal.SIGTERM)
+  finally:
+    codes = _finish(first)
+  # 2. The restart (2 × 4 devices again) resumes there and finishes.
+  resumed = _start_two(str(root / "resumed"), **flags) if codes == [preemption.PREEMPTED_EXIT_CODE] * 2 else []
+  return {"workdir": workdir, "first": (codes, first), "resumed": (_finish(resumed), resumed)}
+
+
+def test_converter_reads_and_writes_the_bucket(gcs, converted, tiny_dataset):
+  from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
+  from input_pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
+
+  tf = import_tensorflow()
+  assert fileio.read_json(f"{converted}/summary.json") == tiny_dataset.summary
+  local = tiny_dataset.tfrecord_dir
+  names = sorted(os.path.relpath(p, local) for p in tf.io.gfile.glob(f"{local}/*/*.tfrecord"))
+  assert len(names) == 4 and names == sorted(
+    p[len(converted) + 1 :] for p in tf.io.gfile.glob(f"{converted}/*/*.tfrecord")
+  )
+  for name in names:  # The shards the two processes read equal the local ones the reference read.
+    with tf.io.gfile.GFile(f"{converted}/{name}", "rb") as ours, open(os.path.join(local, name), "rb") as theirs:
+      assert ours.read() == theirs.read(), name
+  gcs.reached(r"^GET storage\.googleapis\.com /fcnet-test/raw%2Frefcoco%2Frefs%28unc%29\.p")
+  gcs.reached(r"^POST www\.googleapis\.com /upload/storage/v1/b/fcnet-test/o\?uploadType=resumable&name=shards%2F")
+
+
+def test_two_processes_preempted_resume_and_match_one_process(gcs, runs, reference, tiny_dataset):
+  """Both processes write their shards of every checkpoint into the bucket, process 0 the TensorBoard events, and
+  the restart resumes from it."""
+  workdir, (codes, first) = runs["workdir"], runs["first"]
   assert codes == [preemption.PREEMPTED_EXIT_CODE] * 2 == [143] * 2, [w.text()[-3000:] for w in first]
   for i, worker in enumerate(first):  # main.py found the other process from the SLURM variables.
     assert f"JAX process {i} / 2" in worker.text()
   stops = [int(re.search(r"Preempted at step (\d+) \(SIGTERM\)", w.text()).group(1)) for w in first]
   stop = stops[0]
   assert stops == [stop, stop] and 1 <= stop < STEPS, stops  # The same step in both: JAX's preemption sync.
-  assert train_worker.checkpoint_steps(workdir, "checkpoints")[-1] == stop  # Its checkpoint, none after it.
   first_results = [w.result() for w in first]
   assert [r["preempted_at"] for r in first_results] == [stop, stop]
 
-  # 2. The restart (2 × 4 devices again) resumes there and finishes.
-  resumed = _start_two(str(tmp_path / "resumed"), **flags)
-  codes = _finish(resumed)
+  codes, resumed = runs["resumed"]
   assert codes == [0, 0], [w.text()[-3000:] for w in resumed]
   assert all(f"Resumed from step {stop}" in w.text() for w in resumed)
   results = [w.result() for w in resumed]
@@ -213,7 +258,7 @@ def _two_processes_preempted_resume_and_match_one_process(dataset, reference, tm
     assert [k for k in states[0] if not np.array_equal(states[0][k], states[1][k])] == [], name
   # Training equals the single-process run up to reduction order (module docstring).
   assert_one_adam_step_close(train_worker.load_npz(os.path.join(resumed[0].out, "state_1.npz")), reference["state_1"])
-  losses = train_worker.read_scalars(workdir)["train/loss"]  # Written by process 0 of both runs.
+  losses = train_worker.read_scalars(workdir)["train/loss"]  # Written into the bucket by process 0 of both runs.
   assert sorted(losses) == list(range(1, STEPS + 1))
   got, want = [losses[s] for s in sorted(losses)], [reference["losses"][s] for s in sorted(losses)]
   np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
@@ -230,13 +275,52 @@ def _two_processes_preempted_resume_and_match_one_process(dataset, reference, tm
   assert np.abs(gap).max() <= bound, (np.abs(gap).max(), bound)
   assert np.linalg.norm(gap) <= FINAL_GAP_FRACTION * np.linalg.norm(moved), np.linalg.norm(gap) / np.linalg.norm(moved)
 
-  # Evaluation: both processes report the merged metrics of the whole split...
+  # Evaluation: both processes report the merged metrics of the whole split.
   merged = results[0]["eval"]["val"]
   assert results[1]["eval"]["val"] == merged
-  assert merged["count"] == summary["splits"]["val"]["sentences"]
+  assert merged["count"] == tiny_dataset.summary["splits"]["val"]["sentences"]
   assert all(math.isfinite(v) for v in merged.values())
-  # ...equal to one process evaluating the same checkpoint alone (all pairs, a batch of 8 on one device).
-  alone = _run_worker(str(tmp_path / "alone"), "evaluate", tfrecord_dir=shards, workdir=workdir)["eval"]["val"]
+  assert train_worker.checkpoint_steps(workdir, "checkpoints")[-1] == STEPS
+  gcs.reached(r"^GET storage\.googleapis\.com /fcnet-test/shards%2Ftrain%2Ftrain-")  # tf.data read the bucket.
+  gcs.reached(
+    r"^POST www\.googleapis\.com /upload/storage/v1/b/fcnet-test/o\?uploadType=resumable&name=dist%2F.*tfevents"
+  )
+
+
+def test_the_bucket_workdir_evaluates_predicts_and_initialises(runs):
+  """Read in this process (one device) from the bucket: the checkpoints the two processes wrote there."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import predict  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import run_config  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import showcase  # pylint: disable=g-import-not-at-top
+  from fcnet_jax import train  # pylint: disable=g-import-not-at-top
+
+  workdir, (codes, resumed) = runs["workdir"], runs["resumed"]
+  assert codes == [0, 0], "the two-process run did not finish (see the test above)"
+  merged = resumed[0].result()["eval"]["val"]
+  assert fileio.read_json(f"{workdir}/eval_val.json")["step"] == STEPS
+  # What `main.py --mode=eval --checkpoint=latest` runs, with the config saved in the bucket: one process evaluating
+  # all pairs (a batch of 8 on one device) scores what the two processes scored together.
+  alone = evaluate.evaluate(run_config.load(workdir), workdir, checkpoint="latest")["val"]
   assert alone["count"] == merged["count"]
   for name, value in merged.items():
     assert alone[name] == pytest.approx(value, abs=1e-6), name
+  loaded = pretrained.load(workdir, "latest")
+  assert loaded.step == STEPS and loaded.source.startswith(workdir)
+  predictor = predict.Predictor.from_checkpoint(workdir, "latest")
+  # main.py's showcase after training: overlays.png, examples/ and the printed commands, in the bucket.
+  text = showcase.after_training(workdir, count=2, predictor=predictor)
+  entries = showcase.read_examples(workdir)
+  assert len(entries) == 2 and all(e["image"].startswith(f"{workdir}/examples/") for e in entries), entries
+  assert fileio.as_path(entries[0]["mask"]).is_file() and fileio.as_path(workdir, "overlays.png").is_file()
+  assert f"--checkpoint={workdir} --image={entries[0]['image']}" in text and f"{workdir}/overlays.png" in text
+  variables = train.read_init_from(workdir)  # config.init_from=<workdir>: its best checkpoint.
+  best = pretrained.load(workdir, "best")
+  # pylint: disable-next=protected-access
+  for ours, theirs in ((predictor._state.params, loaded.state.params), (variables["params"], best.state.params)):
+    flat = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ours, theirs))
+    assert len(flat) > 100 and all(flat)

@@ -10,21 +10,17 @@ data) through `TENSORSTORE_GCS_HTTP_URL`. Every test asserts that its requests d
 * The JSON writes (atomic), the saved config, and the latest-K checkpoint manager (keep, resume from the newest
   complete step, a half-written step ignored and removed, a corrupt one set aside) on small trees.
 * The compilation cache in <workdir>/xla_cache: one process writes it, the next reads it and compiles nothing.
-* End to end, one chain: synthetic refer data generated into the bucket; `python -m input_pipeline.convert` reads it
-  there and writes the shards there; `main.py` trains configs/tiny.py with the workdir and the shards in the bucket
-  (whole FCNet train states through Orbax/OCDBT), is SIGTERMed after its first step (exit 143), resumes from the
-  bucket to the end (exit 0) and evaluates there; then `pretrained.load`, `Predictor.from_checkpoint` (the loaders of
-  `--mode=eval`, prediction and export) and `config.init_from` (train.read_init_from) read the workdir from the bucket.
+* End to end (tests/test_distributed.py, with its own emulator): the converter reading refer data in the bucket and
+  writing its shards there; two main.py processes training from them with the workdir in the bucket, SIGTERMed,
+  resumed and evaluated; then evaluation, `pretrained.load`, `Predictor.from_checkpoint`, `config.init_from` and the
+  showcase on that workdir.
 
-The showcase after training (overlays.png, examples/, the printed commands) is written into the bucket in-process
-(`showcase.after_training`, what main.py runs at the end). Local only (tested elsewhere): exports, the converter's
-multi-process writing, and the killed-mid-write cases of tests/test_preemption.py.
+Local only (tested elsewhere): exports, the converter's multi-process writing, and the killed-mid-write cases of
+tests/test_preemption.py.
 """
 
-import functools
 import os
 import re
-import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -37,7 +33,6 @@ import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-STEPS = 3
 TIMEOUT_S = 600
 
 
@@ -45,13 +40,6 @@ TIMEOUT_S = 600
 def gcs(tmp_path_factory):
   with gcs_emulator.running(str(tmp_path_factory.mktemp("gcs"))) as emulator:
     yield emulator
-
-
-def _reached(emulator, pattern: str) -> list:
-  """The proxied requests (TensorFlow's GCS client) matching `pattern`; fails if there are none."""
-  found = [r for r in emulator.requests() if re.search(pattern, r)]
-  assert found, f"no request matching {pattern!r} reached the emulator: {emulator.requests()[-20:]}"
-  return found
 
 
 def test_tensorflow_gfile_tfrecords_and_summaries(gcs):
@@ -91,8 +79,8 @@ def test_tensorflow_gfile_tfrecords_and_summaries(gcs):
     for value in event.summary.value
   ]
   assert values == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
-  _reached(gcs, r"^GET storage\.googleapis\.com /fcnet-test/tf%2Fr\.tfrecord -> 20[06]")
-  _reached(gcs, r"^POST www\.googleapis\.com /storage/v1/b/fcnet-test/o/tf%2Fa\.txt/rewriteTo/")
+  gcs.reached(r"^GET storage\.googleapis\.com /fcnet-test/tf%2Fr\.tfrecord -> 20[06]")
+  gcs.reached(r"^POST www\.googleapis\.com /storage/v1/b/fcnet-test/o/tf%2Fa\.txt/rewriteTo/")
 
 
 def _tree(value: float):
@@ -112,7 +100,7 @@ def test_json_and_config_round_trip(gcs):
   run_config.save(config, f"{bucket}/config_run")
   assert run_config.exists(f"{bucket}/config_run")
   assert run_config.differences(run_config.load(f"{bucket}/config_run"), config) == []
-  _reached(gcs, r"^GET storage\.googleapis\.com /fcnet-test/json%2Feval_val\.json")
+  gcs.reached(r"^GET storage\.googleapis\.com /fcnet-test/json%2Feval_val\.json")
 
 
 def test_checkpoints_keep_resume_clean_up_and_fall_back(gcs):
@@ -175,95 +163,3 @@ def test_compile_cache_in_a_gs_workdir(gcs, tmp_path):
     ]
   assert uploads[0] and not uploads[1], uploads
   assert reads, "the second process did not read the cache entry of its jitted function"
-
-
-# End to end.
-
-
-_Run = functools.partial(train_worker.LoggedProcess, timeout=TIMEOUT_S)  # A subprocess logging to a file.
-
-
-@pytest.fixture(scope="module")
-def chain(gcs, tmp_path_factory):
-  """Refer data → converter → main.py (SIGTERM, resume, evaluation), all on gs://; {name: (exit, log)}."""
-  from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-
-  logs, runs = tmp_path_factory.mktemp("gcs_chain"), {}
-  raw, shards, workdir = f"{gcs.bucket}/raw", f"{gcs.bucket}/shards", f"{gcs.bucket}/runs/tiny"
-  synthetic.generate(raw, seed=0, num_train_images=12, num_eval_images=4)
-  convert = [sys.executable, "-m", "input_pipeline.convert", f"--refer_root={raw}", f"--coco_images={raw}/images",
-             "--dataset=refcoco", "--split_by=unc", f"--out={shards}", "--num_workers=1"]  # fmt: skip
-  run = _Run(convert, str(logs / "convert.log"))
-  runs["convert"] = (run.finish(), run.text())
-  assert runs["convert"][0] == 0, runs["convert"][1][-4000:]
-
-  train = train_worker.main_command(
-    workdir, shards, "--config.data.eval_splits=('val',)", f"--config.num_train_steps={STEPS}",
-    f"--config.eval_every_steps={STEPS}", "--config.checkpoint_every_steps=1", "--config.log_every_steps=1",
-  )  # fmt: skip
-  run = _Run(train, str(logs / "sigterm.log"))
-  run.wait_for(r"\[1\] train/")
-  run.process.send_signal(signal.SIGTERM)
-  runs["sigterm"] = (run.finish(), run.text())
-  run = _Run(train, str(logs / "resume.log"))  # Resumes from the bucket and evaluates the last step there.
-  runs["resume"] = (run.finish(), run.text())
-  return {"workdir": workdir, "shards": shards, "runs": runs}
-
-
-def test_convert_train_preempt_resume_evaluate_on_gs(gcs, chain):
-  from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
-
-  runs, workdir = chain["runs"], chain["workdir"]
-  summary = fileio.read_json(f"{chain['shards']}/summary.json")
-  assert summary["splits"]["train"]["refs"] == 43 and summary["splits"]["val"]["sentences"] == 32, summary
-  code, log = runs["sigterm"]
-  assert code == 143, log[-4000:]
-  stopped = int(re.search(r"Preempted at step (\d+) \(SIGTERM\)", log).group(1))
-  code, log = runs["resume"]
-  assert code == 0, log[-4000:]
-  assert f"Resumed from step {stopped}" in log
-  assert fileio.read_json(f"{workdir}/eval_val.json")["step"] == STEPS
-  root = fileio.as_path(workdir)
-  assert sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit())[-1] == STEPS
-  assert list(root.glob("events.out.tfevents.*")) or list(root.glob("*/events.out.tfevents.*"))
-  assert (root / "config.json").exists()
-  # The shards were read from the bucket by tf.data, the checkpoints written by tensorstore (not proxied).
-  _reached(gcs, r"^GET storage\.googleapis\.com /fcnet-test/shards%2Ftrain%2Ftrain-")
-  _reached(
-    gcs,
-    r"^POST www\.googleapis\.com /upload/storage/v1/b/fcnet-test/o\?uploadType=resumable&name=runs%2Ftiny%2F.*tfevents",
-  )
-
-
-def test_pretrained_predictor_and_init_from_read_a_gs_workdir(chain):
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from fcnet_jax import fileio  # pylint: disable=g-import-not-at-top
-  from fcnet_jax import predict  # pylint: disable=g-import-not-at-top
-  from fcnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  from fcnet_jax import run_config  # pylint: disable=g-import-not-at-top
-  from fcnet_jax import showcase  # pylint: disable=g-import-not-at-top
-  from fcnet_jax import train  # pylint: disable=g-import-not-at-top
-
-  workdir = chain["workdir"]
-  # What `main.py --mode=eval --checkpoint=latest` runs: the saved config and the checkpoint from the bucket, the
-  # shards read there by tf.data; it scores what the training run's own final evaluation scored.
-  trained = fileio.read_json(f"{workdir}/eval_val.json")
-  scores = evaluate.evaluate(run_config.load(workdir), workdir, checkpoint="latest")["val"]
-  assert scores["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6) and scores["count"] == trained["count"]
-  loaded = pretrained.load(workdir, "latest")
-  assert loaded.step == STEPS and loaded.source.startswith(workdir)
-  predictor = predict.Predictor.from_checkpoint(workdir, "latest")
-  # main.py's showcase after training: overlays.png, examples/ and the printed commands, in the bucket.
-  text = showcase.after_training(workdir, count=2, predictor=predictor)
-  entries = showcase.read_examples(workdir)
-  assert len(entries) == 2 and all(e["image"].startswith(f"{workdir}/examples/") for e in entries), entries
-  assert fileio.as_path(entries[0]["mask"]).is_file() and fileio.as_path(workdir, "overlays.png").is_file()
-  assert f"--checkpoint={workdir} --image={entries[0]['image']}" in text and f"{workdir}/overlays.png" in text
-  variables = train.read_init_from(workdir)  # config.init_from=<workdir>: its best checkpoint.
-  best = pretrained.load(workdir, "best")
-  # pylint: disable-next=protected-access
-  for ours, theirs in ((predictor._state.params, loaded.state.params), (variables["params"], best.state.params)):
-    flat = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ours, theirs))
-    assert len(flat) > 100 and all(flat)

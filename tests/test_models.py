@@ -96,7 +96,7 @@ def test_intermediate_shapes(overrides):
 
 def test_ecm_off_means_calibrated_equals_emphasis():
   model = tiny_model(use_ecm=False)
-  variables, images, tokens = init(model)
+  variables, images, tokens = abstract_init(model)
   assert "emphasis_calibration" not in variables["params"]
   _, state = jax.eval_shape(functools.partial(model.apply, mutable=["intermediates"]), variables, images, tokens)
   assert "F_c" not in state["intermediates"] and "F_e" in state["intermediates"]

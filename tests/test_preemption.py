@@ -1,20 +1,20 @@
 """Killed at any moment, nothing lost (fcnet_jax/preemption.py, fcnet_jax/checkpoints.py, the loop of train.py).
 
-The real `main.py` trains configs/tiny.py for 6 steps on the converted synthetic data (a checkpoint every step,
-the learning rate ×0.1 at step 3, dropout on), in subprocesses:
+The real `main.py` trains configs/tiny.py in subprocesses, with the training settings of the suite's shared trained
+run (tests/conftest.py `trained_tiny_workdir`: 4 steps, the learning rate ×0.1 at step 3, dropout on), which is
+the uninterrupted reference: its checkpoint of step 4 is what every interrupted run must end with.
 
-* reference: 6 uninterrupted steps.
-* the chain, one workdir, restarted until done:
+* the chain, one workdir, a checkpoint every step (evaluation only at the end), restarted until done:
   A. SIGTERM once step 1 is logged: exit status 143, "Preempted at step s", a checkpoint at s and none after;
   B. SIGKILL while an asynchronous checkpoint write is in flight (a `*.orbax-checkpoint-tmp-*` directory exists;
      which write is seeded);
   C. SIGKILL at a seeded random moment after it resumed;
   then the newest complete checkpoint's files are truncated (corruption), and
   D. runs to the end: it names the unreadable step, sets it aside, resumes from the one before, removes every
-     half-written directory, and its step-6 checkpoint equals the reference's bit for bit (params, Adam moments
+     half-written directory, and its step-4 checkpoint equals the reference's bit for bit (params, Adam moments
      and counts, BatchNorm statistics, step, dropout key).
-* non-finite: the finished chain continued to step 8 at learning rate NaN: a one-line error naming step 8 and the
-  last good checkpoint (6), and no checkpoint after 6.
+* non-finite: the reference continued to step 6 at learning rate NaN: a one-line error naming step 6 and the last
+  good checkpoint (4), and no checkpoint after 4.
 
 * several processes: tests/test_distributed.py (2 processes × 4 devices, SIGTERM to one, both stop at the same step,
   resume, and match a single-process run).
@@ -29,10 +29,8 @@ import os
 import random
 import re
 import resource
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -46,32 +44,22 @@ import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-STEPS = 6
+STEPS = train_worker.TRAINED_STEPS  # 4
 TIMEOUT_S = 900
 SEED = 13  # Picks which checkpoint write B is killed in and when C is killed.
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-def main_command(workdir: str, tfrecord_dir: str, *overrides: str):
-  return [
-    sys.executable,
-    "main.py",
-    "--config=configs/tiny.py",
-    f"--workdir={workdir}",
-    f"--config.data.tfrecord_dir={tfrecord_dir}",
-    "--config.data.eval_canvas=160",
-    "--config.data.eval_splits=('val',)",
-    "--config.data.shuffle_buffer=16",
-    f"--config.num_train_steps={STEPS}",
-    f"--config.eval_every_steps={STEPS}",
-    "--config.checkpoint_every_steps=1",
-    "--config.keep_checkpoints=3",
-    "--config.log_every_steps=1",
-    "--config.learning_rate=1e-3",
-    "--config.lr_decay_epochs=(0.6,)",
-    "--noshowcase",
-    *overrides,
-  ]
+# What the chain changes in the reference's flags (none of it changes the training): a checkpoint every step, one
+# evaluation (of val, at the end), no profile.
+CHAIN_FLAGS = (
+  "--config.checkpoint_every_steps=1",
+  "--config.keep_checkpoints=3",
+  f"--config.eval_every_steps={STEPS}",
+  "--config.data.eval_splits=('val',)",
+  "--config.eval_shuffled_control=false",
+  "--config.profile_steps=0",
+)
 
 
 # A main.py subprocess whose output goes to a log file (wait for log lines, kill it): Run(command, log_path[, env]).
@@ -113,24 +101,17 @@ def truncate_files(workdir: str, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def dataset(tiny_dataset):
-  return tiny_dataset.tfrecord_dir  # The suite's shared synthetic shards (tests/conftest.py); read-only.
+def reference(trained_tiny_workdir):
+  assert trained_tiny_workdir.steps == STEPS
+  return trained_tiny_workdir.workdir  # Read-only.
 
 
 @pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("reference") / "workdir")
-  run = Run(main_command(workdir, dataset), workdir + ".log")
-  assert run.finish() == 0, run.text()[-4000:]
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def chain(dataset, tmp_path_factory):
+def chain(trained_tiny_workdir, tmp_path_factory):
   """The killed-and-restarted workdir; {"workdir", "A": …, "B": …, "C": …, "D": …} with what each run showed."""
   root = tmp_path_factory.mktemp("chain")
   workdir, rng, seen = str(root / "workdir"), random.Random(SEED), {}
-  command = main_command(workdir, dataset)
+  command = trained_tiny_workdir.command(workdir, *CHAIN_FLAGS)
 
   # A: SIGTERM once training runs.
   run = Run(command, str(root / "A.log"))
@@ -138,8 +119,9 @@ def chain(dataset, tmp_path_factory):
   run.process.send_signal(signal.SIGTERM)
   seen["A"] = {"returncode": run.finish(), "log": run.text(), "steps": complete_steps(workdir)}
 
-  # B: SIGKILL in the middle of the n-th checkpoint write of this run.
-  run, nth, writes, was_writing = Run(command, str(root / "B.log")), rng.choice([1, 2]), 0, False
+  # B: SIGKILL in the middle of the n-th checkpoint write of this run (of the STEPS - s left after A's stop at s).
+  left = STEPS - complete_steps(workdir)[-1] if complete_steps(workdir) else STEPS
+  run, nth, writes, was_writing = Run(command, str(root / "B.log")), min(rng.choice([1, 2]), max(left, 1)), 0, False
   while run.process.poll() is None:
     writing = any(TMP_MARK in name for name in entries(workdir))
     writes += writing and not was_writing
@@ -148,7 +130,7 @@ def chain(dataset, tmp_path_factory):
       run.process.kill()
       seen["B"] = {"in_flight": [name for name in entries(workdir) if TMP_MARK in name]}
       break
-    time.sleep(0.001)
+    time.sleep(0.005)  # An asynchronous write takes seconds; a tighter loop would take CPU from the run it watches.
   seen["B"].update(returncode=run.finish(), log=run.text(), steps=complete_steps(workdir), all=entries(workdir))
 
   # C: SIGKILL at a random moment once it resumed.
@@ -205,16 +187,17 @@ def test_interrupted_chain_equals_uninterrupted_run_bitwise(chain, reference):
   assert int(want["['step']"]) == STEPS
 
 
-def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(chain, dataset, tmp_path):
-  workdir = str(tmp_path / "workdir")
-  shutil.copytree(chain["workdir"], workdir)
-  command = main_command(workdir, dataset, "--config.num_train_steps=8", "--config.learning_rate=nan")
-  command.append("--config.checkpoint_every_steps=2")  # Step 7's (NaN) state is not due; step 8's loss is NaN.
+def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(trained_tiny_workdir, tmp_path):
+  workdir = train_worker.copy_workdir(trained_tiny_workdir, str(tmp_path / "workdir"))
+  # Its checkpoints come every 2 steps: step 5's (NaN) state is not due; step 6's loss is NaN.
+  command = trained_tiny_workdir.command(
+    workdir, f"--config.num_train_steps={STEPS + 2}", "--config.learning_rate=nan", "--config.profile_steps=0"
+  )
   run = Run(command, str(tmp_path / "E.log"))
   assert run.finish() == 1
   error = run.text().strip().splitlines()[-1]
-  assert error.startswith("error: NonFiniteError: the training loss is not finite at step 8"), error
-  assert "the last good checkpoint is step 6 in " in error
+  assert error.startswith(f"error: NonFiniteError: the training loss is not finite at step {STEPS + 2}"), error
+  assert f"the last good checkpoint is step {STEPS} in " in error
   assert complete_steps(workdir)[-1] == STEPS
 
 

@@ -11,8 +11,6 @@ needs its own interpreter; this script is that interpreter. It also holds the he
       O/result.json (devices, process, which rows were fed; the last evaluation, or "preempted_at" when the run
       stopped on SIGTERM with status 143), and when it finished O/state.npz (final state) and O/state_<n>.npz (the
       checkpoints of --dump_steps).
-  python tests/train_worker.py evaluate --tfrecord_dir=D --workdir=W --out=O
-      `evaluate.evaluate` of W's latest checkpoint. Writes O/result.json.
 
 Shared by the test files (no JAX import at module level): `main_command` (the `python main.py` command line of
 every test that runs the entry point), `LoggedProcess` (a subprocess whose output goes to a log file, to wait for
@@ -505,16 +503,9 @@ def _train(args, expected_config) -> None:
   main_py.run()
 
 
-def _evaluate(args, config) -> None:
-  from fcnet_jax import evaluate  # pylint: disable=g-import-not-at-top
-
-  results = evaluate.evaluate(config, args.workdir, checkpoint="latest")
-  _write_json(os.path.join(args.out, "result.json"), {"eval": results})
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["train", "evaluate"])
+  parser.add_argument("mode", choices=["train"])
   parser.add_argument("--tfrecord_dir", required=True)
   parser.add_argument("--workdir", default="")
   parser.add_argument("--out", required=True)
@@ -533,7 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   logging.set_verbosity(logging.INFO)
   os.makedirs(args.out, exist_ok=True)
   config = make_config(args.tfrecord_dir, args.steps)
-  {"train": _train, "evaluate": _evaluate}[args.mode](args, config)
+  _train(args, config)
 
 
 if __name__ == "__main__":
