@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Byte-compiled modules are kept (__pycache__) even where the environment says not to (PYTHONDONTWRITEBYTECODE, set
-# on some CI images): the tests start ~60 Python processes (main.py, converters, workers), each importing JAX,
+# on some CI images): the tests start dozens of Python processes (main.py, converters, workers), each importing JAX,
 # TensorFlow, Flax and Orbax; compiling their sources anew costs each ~15 CPU-seconds on the CI machine.
 # .ci/run installs with `pip --no-compile`, so the first import of a module writes its .pyc for the rest.
 sys.dont_write_bytecode = False
