@@ -182,7 +182,7 @@ def converted(gcs, tmp_path_factory):
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
 
   raw, shards = f"{gcs.bucket}/raw", f"{gcs.bucket}/shards"
-  synthetic.generate(raw, seed=0, num_train_images=12, num_eval_images=4)  # As tests/train_worker.make_dataset.
+  synthetic.generate(raw, **train_worker.TINY_SYNTHETIC)  # The data of the suite's local tiny dataset.
   command = [sys.executable, "-m", "input_pipeline.convert", f"--refer_root={raw}", f"--coco_images={raw}/images",
              "--dataset=refcoco", "--split_by=unc", f"--out={shards}", "--num_workers=1"]  # fmt: skip
   train_worker.run_checked(command, str(tmp_path_factory.mktemp("convert") / "convert.log"), TIMEOUT_S)
@@ -192,7 +192,7 @@ def converted(gcs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(gcs, converted, tmp_path_factory):
   """The two-process run (SIGTERM to process 1) and its restart, in the bucket: {"workdir", "first", "resumed"}
-  (the workers of each)."""
+  ((exit statuses, workers) of each) and "steps_after_first" (the checkpoint steps the first run left)."""
   root, workdir = tmp_path_factory.mktemp("two_processes"), f"{gcs.bucket}/dist"
   flags = {"steps": STEPS, "tfrecord_dir": converted, "workdir": workdir, "dump_steps": "1"}
   # 1. Two processes train; process 1 alone gets SIGTERM once step 1 is logged.
@@ -202,9 +202,15 @@ def runs(gcs, converted, tmp_path_factory):
     first[1].process.send_signal(signal.SIGTERM)
   finally:
     codes = _finish(first)
+  steps_after_first = train_worker.checkpoint_steps(workdir, "checkpoints")
   # 2. The restart (2 × 4 devices again) resumes there and finishes.
   resumed = _start_two(str(root / "resumed"), **flags) if codes == [preemption.PREEMPTED_EXIT_CODE] * 2 else []
-  return {"workdir": workdir, "first": (codes, first), "resumed": (_finish(resumed), resumed)}
+  return {
+    "workdir": workdir,
+    "first": (codes, first),
+    "steps_after_first": steps_after_first,
+    "resumed": (_finish(resumed), resumed),
+  }
 
 
 def test_converter_reads_and_writes_the_bucket(gcs, converted, tiny_dataset):
@@ -235,6 +241,7 @@ def test_two_processes_preempted_resume_and_match_one_process(gcs, runs, referen
   stops = [int(re.search(r"Preempted at step (\d+) \(SIGTERM\)", w.text()).group(1)) for w in first]
   stop = stops[0]
   assert stops == [stop, stop] and 1 <= stop < STEPS, stops  # The same step in both: JAX's preemption sync.
+  assert runs["steps_after_first"][-1] == stop  # Its checkpoint, none after it.
   first_results = [w.result() for w in first]
   assert [r["preempted_at"] for r in first_results] == [stop, stop]
 

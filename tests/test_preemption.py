@@ -119,7 +119,7 @@ def chain(trained_tiny_workdir, tmp_path_factory):
   seen["A"] = {"returncode": run.finish(), "log": run.text(), "steps": complete_steps(workdir)}
 
   # B: SIGKILL in the middle of the n-th checkpoint write of this run (of the STEPS - s left after A's stop at s).
-  left = STEPS - complete_steps(workdir)[-1] if complete_steps(workdir) else STEPS
+  left = STEPS - (seen["A"]["steps"] or [0])[-1]
   run, nth, writes, was_writing = Run(command, str(root / "B.log")), min(rng.choice([1, 2]), max(left, 1)), 0, False
   while run.process.poll() is None:
     writing = any(TMP_MARK in name for name in entries(workdir))

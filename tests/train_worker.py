@@ -62,6 +62,11 @@ def make_config(tfrecord_dir: str, steps: int):
   return config
 
 
+# The synthetic refer data of the tiny dataset (`make_dataset`); tests/test_distributed.py generates the same into a
+# bucket and checks that the converter writes the same shards there.
+TINY_SYNTHETIC = {"seed": 0, "num_train_images": 12, "num_eval_images": 4}
+
+
 def make_dataset(root: str):
   """Synthetic refer data (12 training images, 4 per evaluation split) converted by the real converter.
 
@@ -71,7 +76,7 @@ def make_dataset(root: str):
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
 
   raw, shards = os.path.join(root, "raw"), os.path.join(root, "shards")
-  synthetic.generate(raw, seed=0, num_train_images=12, num_eval_images=4)
+  synthetic.generate(raw, **TINY_SYNTHETIC)
   summary = convert.convert(raw, os.path.join(raw, "images"), "refcoco", "unc", shards, num_workers=1)
   return shards, summary
 
