@@ -51,7 +51,7 @@ import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.dont_write_bytecode = False
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
-# Before anything starts jax's backend: the workers' fast-compiling XLA flags (train_worker.FAST_COMPILE_FLAG) in
+# Before anything starts jax's backend: the workers' fast-compiling XLA flags (train_worker.FAST_COMPILE_FLAGS) in
 # this process too, so that in-process compilations are cheaper and share cache entries with the workers.
 os.environ["XLA_FLAGS"] = train_worker.xla_flags(os.environ.get("XLA_FLAGS", ""))
 

@@ -13,6 +13,8 @@ from configs import tiny
 from fcnet_jax.models import fcnet
 from fcnet_jax.models import image_encoder
 from fcnet_jax.models import layers
+from fcnet_jax.tools import summary
+from fcnet_jax.tools.benchmark import inputs
 
 SOS, EOS = 49406, 49407
 
@@ -35,12 +37,21 @@ def tiny_model(**overrides) -> fcnet.FCNet:
 
 
 def init(model, batch=2, seed=0):
+  """Random variables for `model` and random inputs. The variables are drawn on the host with fan-in scales
+  (`fcnet_jax.tools.benchmark.inputs.random_variables`), not by the model's initialisers: a jitted `model.init`
+  compiles for 15 s per model variant on 2 cores, and these tests are about the forward and backward computation.
+  `model_init` is the model's own initialisation."""
   rng = np.random.default_rng(seed)
   images = jnp.asarray(rng.normal(size=(batch, model.image_size, model.image_size, 3)), jnp.float32)
   tokens = jnp.asarray(make_tokens(rng, batch, model.context_length))
-  # Jitted: op-by-op initialisation of even the tiny model costs tens of seconds of dispatch on 2 cores.
-  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), images, tokens)
-  return variables, images, tokens
+  return inputs.random_variables(summary.abstract_variables(model), seed), images, tokens
+
+
+def model_init(model, seed=0):
+  """The model's own initialisation (jitted: op-by-op it costs tens of seconds of dispatch on 2 cores)."""
+  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  tokens = jnp.zeros((1, model.context_length), jnp.int32)
+  return jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), images, tokens)
 
 
 def abstract_init(model, batch=2):
@@ -145,16 +156,10 @@ def test_every_parameter_gets_gradient(overrides):
 
 def test_init_scales_multiply_the_default_init():
   # egm_query_init_scale and text_embed_init_std rescale the same random draws; every other parameter is unchanged.
-  shapes = lambda model: jax.eval_shape(
-    functools.partial(model.init, train=False),
-    jax.random.key(0),
-    jnp.zeros((1, model.image_size, model.image_size, 3)),
-    jnp.zeros((1, model.context_length), jnp.int32),
-  )
+  shapes = lambda model: jax.tree.map(lambda x: x.shape, summary.abstract_variables(model))
   base_model, scaled_model = tiny_model(), tiny_model(egm_query_init_scale=4.0, text_embed_init_std=0.1)
-  assert jax.tree.map(lambda x: x.shape, shapes(base_model)) == jax.tree.map(lambda x: x.shape, shapes(scaled_model))
-  base, _, _ = init(base_model)
-  scaled, _, _ = init(scaled_model)
+  assert shapes(base_model) == shapes(scaled_model)
+  base, scaled = model_init(base_model), model_init(scaled_model)
   flat = lambda v: flax.traverse_util.flatten_dict(v["params"], sep="/")
   base, scaled = flat(base), flat(scaled)
   query = "emphasis_generation/cross_attn/query/kernel"
