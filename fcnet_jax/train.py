@@ -10,7 +10,7 @@ module imports without TensorFlow.
 import functools
 import re
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import flax
@@ -126,14 +126,8 @@ def create_optimizer(
 # ----------------------------------------------------------------------------------------------------- state
 
 
-def create_train_state(
-  config: ml_collections.ConfigDict, model: fcnet.FCNet, rng: jax.Array, tx: optax.GradientTransformation
-) -> TrainState:
-  """Fresh variables (fp32) for `model`, the optimiser state and a dropout key (host-local).
-
-  With `config.init_from`, the converted CLIP encoders (`fcnet_jax.tools.convert_clip`) replace the fresh
-  encoder variables; everything else, and the optimiser state, stays fresh.
-  """
+def _fresh_state_fn(model: fcnet.FCNet, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+  """rng → a fresh TrainState of `model` (its own initialisation, zero optimiser moments, a dropout key)."""
   images, tokens = data_lib.init_inputs(model.image_size, model.context_length)
 
   def init(rng):
@@ -147,8 +141,19 @@ def create_train_state(
       dropout_rng=dropout_rng,
     )
 
+  return init
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict, model: fcnet.FCNet, rng: jax.Array, tx: optax.GradientTransformation
+) -> TrainState:
+  """Fresh variables (fp32) for `model`, the optimiser state and a dropout key (host-local).
+
+  With `config.init_from`, the converted CLIP encoders (`fcnet_jax.tools.convert_clip`) replace the fresh
+  encoder variables; everything else, and the optimiser state, stays fresh.
+  """
   # One compiled program: the optimiser's zero moments, built eagerly, would compile one small kernel per shape.
-  state = jax.jit(init)(rng)
+  state = jax.jit(_fresh_state_fn(model, tx))(rng)
   if config.init_from:
     from fcnet_jax.weights import clip  # pylint: disable=g-import-not-at-top
 
@@ -185,6 +190,20 @@ def initial_state(
   # The rbg PRNG: the jitted init of a full FCNet compiles ~4× faster than with threefry on the CPU.
   rng = jax.random.key(config.seed, impl="rbg")
   return sharding.replicate(create_train_state(config, model, rng, tx), mesh)
+
+
+def abstract_initial_state(
+  config: ml_collections.ConfigDict, model: fcnet.FCNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> TrainState:
+  """`initial_state`'s structure, shapes, dtypes and (replicated) shardings, computing nothing: the target a resumed
+  run restores its checkpoint into. The model's initialisation is traced, not compiled or run (on a pod, compiling
+  the R101 model's init takes about as long as a few hundred steps)."""
+  rng = jax.random.key(config.seed, impl="rbg")
+  replicated = sharding.replicated_sharding(mesh)
+  return jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+    jax.eval_shape(_fresh_state_fn(model, tx), rng),
+  )
 
 
 # ----------------------------------------------------------------------------------------------------- step
@@ -330,10 +349,11 @@ def train_and_evaluate(
   if jax.process_index() == 0:
     run_config.save(config, workdir)
   checkpoints = checkpoints_lib.Checkpoints(workdir, config.keep_checkpoints)
-  state = initial_state(config, model, tx, mesh)
-  if checkpoints.latest_step() is not None:
-    state = checkpoints.restore_newest(state)
+  if checkpoints.latest_step() is not None:  # Resuming: the checkpoint replaces every value of a fresh state.
+    state = checkpoints.restore_newest(abstract_initial_state(config, model, tx, mesh))
     logging.info("Resumed from step %d", int(state.step))
+  else:
+    state = initial_state(config, model, tx, mesh)
   start_step = int(state.step)
   eval_every = config.eval_every_steps or max(int(config.eval_every_epochs * steps_per_epoch), 1)
 

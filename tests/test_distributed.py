@@ -232,8 +232,8 @@ def test_converter_reads_and_writes_the_bucket(gcs, converted, tiny_dataset):
 
 
 def test_two_processes_preempted_resume_and_match_one_process(gcs, runs, reference, tiny_dataset):
-  """Both processes write their shards of every checkpoint into the bucket, process 0 the TensorBoard events, and
-  the restart resumes from it."""
+  """Both processes save every checkpoint into the bucket together (Orbax's multi-process save), process 0 writes
+  the TensorBoard events, and the restart resumes from the checkpoint of the stop."""
   workdir, (codes, first) = runs["workdir"], runs["first"]
   assert codes == [preemption.PREEMPTED_EXIT_CODE] * 2 == [143] * 2, [w.text()[-3000:] for w in first]
   for i, worker in enumerate(first):  # main.py found the other process from the SLURM variables.
