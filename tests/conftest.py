@@ -56,24 +56,28 @@ os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 os.environ["XLA_FLAGS"] = train_worker.xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 
-# Test files whose module fixtures run main.py or other workers for minutes, heaviest first (the slowest files of
-# the last clean CI run: two-process training, init_from, the training loop; test_train.py also builds the shared
-# trained workdir). With `pytest -n 2 --dist loadfile --no-loadscope-reorder` (.ci/run) pytest-xdist hands out
-# files in collection order; starting the longest ones first lets both workers finish together (its default order,
-# by number of tests, put these few-test files last). Files not listed keep their order, after these.
+# Test files by their time in the last full run on the 2-core machine, heaviest first: the ones whose
+# module fixtures run main.py or other workers for minutes (two-process training, the preemption chain, which also
+# builds the shared trained workdir), then the ones that compile model variants or start CLI processes. With
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` (.ci/run) pytest-xdist hands out files in collection order;
+# starting the longest ones first lets both workers finish together (its default order, by number of tests, put
+# these few-test files last). Files not listed keep their order, after these.
 HEAVY_FILES_FIRST = (
-  "test_preemption.py",
   "test_distributed.py",
-  "test_init_from.py",
-  "test_train.py",
-  "test_eval_paths.py",
+  "test_preemption.py",
   "test_export.py",
+  "test_eval_paths.py",
+  "test_init_from.py",
+  "test_benchmark.py",
+  "test_models.py",
+  "test_convert.py",
+  "test_gcs.py",
   "test_swin.py",
+  "test_pipeline.py",
   "test_demo.py",
+  "test_metrics.py",
   "test_predict.py",
   "test_convert_kill.py",
-  "test_convert.py",
-  "test_benchmark.py",
 )
 
 

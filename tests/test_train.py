@@ -3,25 +3,18 @@
 
 The loop runs as `python main.py` in subprocesses on the synthetic refer data converted by the real converter:
 
-  B: 4 uninterrupted steps, evaluation + checkpoint every 2 (the shared `trained_tiny_workdir` of conftest.py);
-  A: B's workdir as a run preempted right after its step-2 checkpoint (a copy without the later checkpoints),
-     run again up to step 4 (a restart: new process, new state; it resumes from the step-2 checkpoint, the
-     pipeline from start_step=2);
-  `--mode=eval --checkpoint=best` on A.
+  B: 4 uninterrupted steps, evaluation + checkpoint every 2 (the shared `trained_tiny_workdir` of conftest.py).
 
-Resuming is checked bitwise (CPU XLA is deterministic for a fixed program): every array of A's and B's step-4
-checkpoints (params, Adam moments and counts, BatchNorm statistics, step, dropout key) must be equal. The model
-uses dropout (tiny config: 0.1) and the learning rate drops ×0.1 at step 3, between the two halves of A, so the
-dropout key folding, the data position and the schedule all matter. The optimiser tests run in-process on the
-real parameter tree (`jax.eval_shape`, nothing compiled but one optimiser update) against hand-computed Adam
-steps. tests/test_eval_paths.py covers the other evaluation paths, TensorBoard and the profiler.
+Resuming (bitwise, across the learning-rate drop at step 3, after SIGTERM, SIGKILL and a corrupt checkpoint) is
+tested by tests/test_preemption.py against the same run B; `--mode=eval` of a chosen, the latest and the best
+checkpoint, TensorBoard and the profiler by tests/test_eval_paths.py. The optimiser tests run in-process on the real
+parameter tree (`jax.eval_shape`, nothing compiled but one optimiser update) against hand-computed Adam steps.
 """
 
 import functools
 import json
 import math
 import os
-import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -57,45 +50,15 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _preempt_after(workdir: str, step: int):
-  """Leaves `workdir` as a run killed right after saving checkpoint `step`: no later latest or best step."""
-  for manager in ("checkpoints", "best"):
-    for later in [s for s in train_worker.checkpoint_steps(workdir, manager) if s > step]:
-      shutil.rmtree(os.path.join(workdir, manager, str(later)))
-
-
 @pytest.fixture(scope="module")
-def runs(trained_tiny_workdir, tmp_path_factory):
-  """B (shared), A (B preempted after step 2, resumed to 4) and eval mode on A; returns what each left behind."""
+def runs(trained_tiny_workdir):
+  """What B (shared, read-only) left behind."""
   b = trained_tiny_workdir
-  root = tmp_path_factory.mktemp("train_runs")
-  a = train_worker.copy_workdir(b, str(root / "a"))
-  _preempt_after(a, 2)
-  out = {"a": a, "b": b.workdir, "summary": b.dataset.summary}
-  train_worker.run_checked(b.command(a), str(root / "a2.log"), train_worker.TIMEOUT_S)
-  out["a2_log"] = (root / "a2.log").read_text()
-  out["a_eval_4"] = _read_json(os.path.join(a, "eval_val.json"))
+  out = {"b": b.workdir, "summary": b.dataset.summary}
   out["b_eval_4"] = _read_json(os.path.join(b.workdir, "eval_val.json"))
-  # Evaluations at step 2 happened in B (A's first half): TensorBoard's float32 copies of them.
+  # TensorBoard's float32 copies of B's evaluations at steps 2 and 4.
   out["val_miou"] = train_worker.read_scalars(b.workdir)["eval/val/mIoU"]
-  log = root / "eval.log"
-  train_worker.run_checked(b.command(a, "--mode=eval", "--checkpoint=best"), str(log), train_worker.TIMEOUT_S)
-  out["eval_stdout"] = log.read_text()
-  out["eval_mode"] = _read_json(os.path.join(a, "eval_val.json"))
   return out
-
-
-def _restore_raw(step_dir: str) -> dict:
-  """Every array of an Orbax checkpoint as NumPy, keyed by pytree path (PRNG keys as their raw data)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  tree = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    flat[jax.tree_util.keystr(path)] = np.asarray(leaf)
-  return flat
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -114,14 +77,11 @@ def _check_eval_json(payload: dict, step: int, num_pairs: int):
 def test_training_writes_evaluations_checkpoints_and_logs(runs):
   num_pairs = runs["summary"]["splits"]["val"]["sentences"]
   _check_eval_json(runs["b_eval_4"], 4, num_pairs)
-  _check_eval_json(runs["a_eval_4"], 4, num_pairs)
   assert sorted(runs["val_miou"]) == [2, 4]
-  for workdir in (runs["a"], runs["b"]):
-    assert train_worker.checkpoint_steps(workdir, "checkpoints") == [2, 4]
-    # The best manager keeps the one step with the highest validation mIoU.
-    best = train_worker.checkpoint_steps(workdir, "best")
-    assert len(best) == 1 and runs["val_miou"][best[0]] == max(runs["val_miou"].values())
-  assert "Resumed from step 2" in runs["a2_log"]
+  assert train_worker.checkpoint_steps(runs["b"], "checkpoints") == [2, 4]
+  # The best manager keeps the one step with the highest validation mIoU.
+  best = train_worker.checkpoint_steps(runs["b"], "best")
+  assert len(best) == 1 and runs["val_miou"][best[0]] == max(runs["val_miou"].values())
 
   scalars = train_worker.read_scalars(runs["b"])
   losses = scalars["train/loss"]
@@ -134,34 +94,6 @@ def test_training_writes_evaluations_checkpoints_and_logs(runs):
   )
   for name in METRIC_NAMES:
     assert scalars[f"eval/val/{name}"][4] == pytest.approx(runs["b_eval_4"][name], abs=1e-7)
-
-
-def test_resume_is_bitwise_exact(runs):
-  resumed = _restore_raw(os.path.join(runs["a"], "checkpoints", "4"))
-  uninterrupted = _restore_raw(os.path.join(runs["b"], "checkpoints", "4"))
-  assert resumed.keys() == uninterrupted.keys()
-  assert int(resumed["['step']"]) == 4
-  different = [k for k in resumed if not np.array_equal(resumed[k], uninterrupted[k])]
-  assert not different, f"{len(different)} of {len(resumed)} arrays differ, e.g. {different[:5]}"
-  # The training really moved the parameters (the comparison is not between two initial states).
-  start = _restore_raw(os.path.join(runs["a"], "checkpoints", "2"))
-  moved = [k for k in start if k.startswith("['params']") and not np.array_equal(start[k], resumed[k])]
-  assert len(moved) > 0.9 * sum(k.startswith("['params']") for k in start)
-  for name in METRIC_NAMES + ("count",):
-    assert runs["a_eval_4"][name] == runs["b_eval_4"][name], name
-
-
-def test_eval_mode_restores_the_best_checkpoint(runs):
-  num_pairs = runs["summary"]["splits"]["val"]["sentences"]
-  best_step = train_worker.checkpoint_steps(runs["a"], "best")[0]
-  evaluated = runs["eval_mode"]
-  _check_eval_json(evaluated, best_step, num_pairs)
-  # The same state through the same program: identical numbers (TensorBoard holds the training ones as float32).
-  at_training = train_worker.read_scalars(runs["a"])
-  for name in METRIC_NAMES:
-    assert evaluated[name] == pytest.approx(at_training[f"eval/val/{name}"][best_step], abs=1e-7), name
-  table_row = [line for line in runs["eval_stdout"].splitlines() if line.startswith("val ")]
-  assert table_row and table_row[0].split()[-1] == str(num_pairs)
 
 
 # ------------------------------------------------------------------------------------------------------------
