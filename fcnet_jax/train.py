@@ -196,8 +196,7 @@ def abstract_initial_state(
   config: ml_collections.ConfigDict, model: fcnet.FCNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
 ) -> TrainState:
   """`initial_state`'s structure, shapes, dtypes and (replicated) shardings, computing nothing: the target a resumed
-  run restores its checkpoint into. The model's initialisation is traced, not compiled or run (on a pod, compiling
-  the R101 model's init takes about as long as a few hundred steps)."""
+  run restores its checkpoint into. The model's initialisation is traced, not compiled or run."""
   rng = jax.random.key(config.seed, impl="rbg")
   replicated = sharding.replicated_sharding(mesh)
   return jax.tree.map(
