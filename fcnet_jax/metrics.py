@@ -24,7 +24,9 @@ from fcnet_jax import image_ops
 from fcnet_jax import letterbox
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
-_LOW_BITS = 20  # Per-sample counts are ≤ 640² < 2^19; sums are kept as hi·2^20 + lo in int32 (exact).
+_LOW_BITS = 20  # Pixel sums are kept as hi·2^20 + lo in int32 pairs (exact far past 2^31).
+_SAMPLE_BITS = 16  # Per-sample counts are split at bit 16 before a batch sum (see `_batch_total`).
+MAX_BATCH_FOR_COUNTS = 1 << (31 - _SAMPLE_BITS)  # Examples per batch whose split counts still sum within int32.
 EVAL_BATCH_FIELDS = ("resized_hw", "offset", "orig_hw", "orig_mask")
 
 
@@ -74,6 +76,27 @@ def _split_count(total: jax.Array):
   return total >> _LOW_BITS, total & ((1 << _LOW_BITS) - 1)
 
 
+def _batch_total(counts: jax.Array, mask: jax.Array) -> tuple:
+  """Exact (hi, lo) of the sum of the unmasked int32 per-sample `counts` (each < 2^31), without int32 overflow.
+
+  Each count is split as a·2^16 + b first: the sums of a and b fit int32 for any batch under 2^15 examples, even
+  at a canvas of 6000 pixels (a sum of raw counts would wrap at ~5000 examples of 640² or ~60 of 6000²).
+  """
+  if counts.shape[0] >= MAX_BATCH_FOR_COUNTS:
+    raise ValueError(
+      f"a batch of {counts.shape[0]} examples is too large for the exact pixel counts of oIoU (at most "
+      f"{MAX_BATCH_FOR_COUNTS - 1} per step): lower config.eval_batch_size"
+    )
+  counts = jnp.where(mask, counts.astype(jnp.int32), 0)
+  a_sum = (counts >> _SAMPLE_BITS).sum()
+  b_sum = (counts & ((1 << _SAMPLE_BITS) - 1)).sum()
+  extra = _LOW_BITS - _SAMPLE_BITS  # a·2^16 = (a >> 4)·2^20 + (a & 15)·2^16.
+  b_high, b_low = _split_count(b_sum)
+  low = b_low + ((a_sum & ((1 << extra) - 1)) << _SAMPLE_BITS)  # < 2^21.
+  carry, low = _split_count(low)
+  return (a_sum >> extra) + b_high + carry, low
+
+
 def _join_count(high: Any, low: Any) -> int:
   return int(np.asarray(high, np.int64)) * (1 << _LOW_BITS) + int(np.asarray(low, np.int64))
 
@@ -107,10 +130,8 @@ class OverallIoU(clu_metrics.Metric):
     mask = _model_output_mask(jnp.asarray(intersection), model_output)
     if mask is None:
       mask = jnp.ones(jnp.shape(intersection), bool)
-    # A batch sum of per-sample counts (≤ K² = 409600 at K = 640) fits int32 for batches up to 5242 examples.
-    intersection_total = jnp.where(mask, intersection, 0).astype(jnp.int32).sum()
-    union_total = jnp.where(mask, union, 0).astype(jnp.int32).sum()
-    return cls(*_split_count(intersection_total), *_split_count(union_total))
+    mask = jnp.broadcast_to(mask, jnp.shape(intersection))
+    return cls(*_batch_total(jnp.asarray(intersection), mask), *_batch_total(jnp.asarray(union), mask))
 
   def merge(self, other: "OverallIoU") -> "OverallIoU":
     def add(high_a, low_a, high_b, low_b):

@@ -316,6 +316,24 @@ def test_overall_iou_sums_are_exact_beyond_int32_and_float32():
   assert total.compute() == (per_sample - 7) / per_sample
 
 
+@pytest.mark.parametrize("batch, per_sample", [(5300, K * K), (64, 6000 * 6000), (32767, 6000 * 6000)])
+def test_overall_iou_batch_sums_do_not_wrap(batch, per_sample):
+  """One step's own sum stays exact: 5300 full 640² masks or 64 at a 6000 canvas pass 2^31 within a single batch."""
+  inter = jnp.full((batch,), per_sample - 3, jnp.int32).at[0].set(per_sample - 1)
+  union = jnp.full((batch,), per_sample, jnp.int32)
+  mask = jnp.ones((batch,), bool).at[1].set(False)  # A padding example: not counted.
+  update = jax.jit(lambda i, u, m: metrics.OverallIoU.from_model_output(intersection=i, union=u, mask=m))
+  totals = update(inter, union, mask).totals()
+  assert totals == {"intersection": (batch - 2) * (per_sample - 3) + per_sample - 1, "union": (batch - 1) * per_sample}
+  assert totals["union"] > 2**31
+
+
+def test_overall_iou_refuses_a_batch_too_large_for_exact_counts():
+  counts = jnp.zeros((metrics.MAX_BATCH_FOR_COUNTS,), jnp.int32)
+  with pytest.raises(ValueError, match="eval_batch_size"):
+    metrics.OverallIoU.from_model_output(intersection=counts, union=counts)
+
+
 def test_gather_from_model_output_under_pmap(eval_case, eval_update):
   """The pmap path (all_gather + reduce) works with the custom metrics."""
   logits, batch, _ = eval_case
