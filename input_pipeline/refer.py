@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from pycocotools import _mask
 from pycocotools import mask as mask_utils
 
 from fcnet_jax import fileio
@@ -65,20 +66,20 @@ def known_splits(dataset: str, split_by: str) -> Tuple[str, ...]:
   return SPLITS[(dataset, split_by)]
 
 
-def _repair_latin1(value):
-  """Undoes the latin-1 decoding of Python 2 byte strings that hold UTF-8 text (recursively).
+def _decode_py2_strings(value):
+  """Python 2 byte strings (`str`, read back as `bytes`) as text: UTF-8, else latin-1 (recursively, keys too).
 
-  A string that is not valid UTF-8 once encoded as latin-1 was not UTF-8 bytes and stays as it is.
+  Python 2 `unicode` objects come back as `str` already and are left exactly as they are.
   """
-  if isinstance(value, str):
+  if isinstance(value, bytes):
     try:
-      return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-      return value
-  if isinstance(value, list):
-    return [_repair_latin1(v) for v in value]
+      return value.decode("utf-8")
+    except UnicodeDecodeError:
+      return value.decode("latin-1")
+  if isinstance(value, (list, tuple)):
+    return type(value)(_decode_py2_strings(v) for v in value)
   if isinstance(value, dict):
-    return {_repair_latin1(k): _repair_latin1(v) for k, v in value.items()}
+    return {_decode_py2_strings(k): _decode_py2_strings(v) for k, v in value.items()}
   return value
 
 
@@ -88,9 +89,9 @@ def load_refs(path: str) -> List[dict]:
     try:
       refs = pickle.load(f)
     except UnicodeDecodeError:
-      # Written by Python 2 with non-ASCII byte strings: read them as latin-1, then recover their UTF-8.
+      # Written by Python 2 with non-ASCII byte strings: read those as bytes, then decode them (UTF-8 first).
       f.seek(0)
-      refs = _repair_latin1(pickle.load(f, encoding="latin-1"))
+      refs = _decode_py2_strings(pickle.load(f, encoding="bytes"))
   if not isinstance(refs, list):
     raise ValueError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
   required = ("ref_id", "ann_id", "image_id", "category_id", "split", "sentences")
@@ -167,22 +168,28 @@ def decode_annotation_mask(segmentation, height: int, width: int, where: str = "
   """H×W uint8 0/1 mask of a COCO segmentation, decoded as COCO's `annToRLE` + `decode` do.
 
   Polygon lists (several polygons are merged), RLE with uncompressed list counts (iscrowd) and RLE with
-  compressed string counts are supported.
+  compressed string counts are supported. A list is always read as polygons, also when its first polygon has only
+  4 coordinates (pycocotools' `frPyObjects` would take such a list for bounding boxes and fail).
   """
   if isinstance(segmentation, list):
     if not segmentation:
       raise ValueError(f"{where}: empty segmentation")
-    rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
   elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
     if [int(s) for s in segmentation["size"]] != [height, width]:
       raise ValueError(f"{where}: RLE size {segmentation['size']} differs from the image's [{height}, {width}]")
-    if isinstance(segmentation["counts"], list):
+  else:
+    raise ValueError(f"{where}: unsupported segmentation of type {type(segmentation).__name__}")
+  try:
+    if isinstance(segmentation, list):
+      # pycocotools' polygon rasteriser, called directly (frPyObjects dispatches on the first polygon's length).
+      rle = mask_utils.merge(_mask.frPoly([[float(v) for v in p] for p in segmentation], height, width))
+    elif isinstance(segmentation["counts"], list):
       rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
       rle = segmentation
-  else:
-    raise ValueError(f"{where}: unsupported segmentation of type {type(segmentation).__name__}")
-  return mask_utils.decode(rle)
+    return mask_utils.decode(rle)
+  except Exception as e:  # pylint: disable=broad-except  (pycocotools raises TypeError, ValueError, …)
+    raise ValueError(f"{where}: cannot decode its segmentation ({type(e).__name__}: {e})") from e
 
 
 def _one_line(message: str) -> str:

@@ -14,6 +14,7 @@ import shutil
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 import pytest
 
 from fcnet_jax import tokenizer
@@ -444,6 +445,39 @@ def test_python2_pickles_with_utf8_byte_strings(tmp_path):
   assert refs == [
     {"ref_id": 7, "ann_id": 1, "image_id": 2, "category_id": 3, "split": "train", "sentences": [{"sent": "café"}]}
   ]
+
+
+def test_python2_pickles_keep_unicode_objects_and_non_utf8_bytes(tmp_path):
+  # Beside UTF-8 byte strings, a Python 2 `unicode` object (opcode X) holding "Ã©" must stay "Ã©" (it is already
+  # text: re-decoding it would turn it into "é"), and bytes that are not UTF-8 are read as latin-1.
+  data = (
+    b"\x80\x02]q\x00}q\x01(U\x06ref_idK\x07U\x06ann_idK\x01U\x08image_idK\x02U\x0bcategory_idK\x03U\x05split"
+    b"U\x03valU\tsentences]q\x02}q\x03(U\x04sentX\x04\x00\x00\x00\xc3\x83\xc2\xa9U\x03rawU\x05caf\xc3\xa9"
+    b"U\x06tokens]q\x04U\x02\xe9tauaua."
+  )
+  path = tmp_path / "refs(umd).p"
+  path.write_bytes(data)
+  (ref,) = refer.load_refs(str(path))
+  assert ref["sentences"] == [{"sent": "Ã©", "raw": "café", "tokens": ["ét"]}]
+  assert ref["split"] == "val" and ref["ref_id"] == 7
+
+
+def test_decode_annotation_mask_polygons_match_pycocotools():
+  """Random polygon lists equal refer's getMask (frPyObjects + decode, summed, > 0); a first polygon of 4
+  coordinates (two points), which frPyObjects takes for a bounding box and fails on, is still a polygon."""
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    h, w = (int(v) for v in rng.integers(1, 60, 2))
+    polygons = [list(rng.uniform(-5, 70, 2 * rng.integers(3, 8))) for _ in range(rng.integers(1, 4))]
+    expected = mask_utils.decode(mask_utils.frPyObjects(polygons, h, w)).sum(axis=2) > 0
+    got = refer.decode_annotation_mask(polygons, h, w)
+    assert got.dtype == np.uint8 and got.shape == (h, w)
+    np.testing.assert_array_equal(got.astype(bool), expected)
+  polygons = [[1.0, 1.0, 10.0, 10.0], [2.0, 2.0, 20.0, 2.0, 20.0, 20.0, 2.0, 20.0]]
+  expected = mask_utils.decode(mask_utils.frPyObjects(polygons[::-1], 30, 30)).sum(axis=2) > 0
+  np.testing.assert_array_equal(refer.decode_annotation_mask(polygons, 30, 30).astype(bool), expected)
+  with pytest.raises(ValueError, match=r"annotation 5 \(ref_id=2\): cannot decode its segmentation"):
+    refer.decode_annotation_mask([["a", "b", "c", "d", "e", "f"]], 30, 30, where="annotation 5 (ref_id=2)")
 
 
 def test_decode_annotation_mask_rejects_mismatched_rle():
