@@ -35,7 +35,6 @@ from fcnet_jax import fileio
 from fcnet_jax import letterbox
 from fcnet_jax import pretrained
 from fcnet_jax import run_config
-from fcnet_jax import tokenizer
 from fcnet_jax.models import fcnet
 
 FORMATS = ("orbax", "stablehlo", "savedmodel", "onnx")
@@ -94,13 +93,13 @@ def preprocess(image: Any, sentences: Union[str, Sequence[str]], config: Any) ->
     sentences: one sentence or several (each paired with the same image).
     config: the model's configuration (`run_config.load(<export dir>)`): image size, letterbox, context length.
   """
-  if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3):
-    from fcnet_jax import predict  # pylint: disable=g-import-not-at-top  (PIL decoding, EXIF, size limits)
+  from fcnet_jax import predict  # pylint: disable=g-import-not-at-top  (PIL decoding, EXIF, size limits)
 
+  if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3):
     image = predict.load_image(image)
-  sentences = [sentences] if isinstance(sentences, str) else list(sentences)
+  # The Predictor's checks and truncation warnings: an empty sentence is an error here too.
+  sentences, tokens, _ = predict.tokenize_sentences(sentences, config.model.context_length)
   canvas, resized_hw, top_left = letterbox.letterbox_image(image, config.model.image_size, config.data.letterbox)
-  tokens = tokenizer.tokenize(sentences, config.model.context_length)
   images = np.repeat(canvas[None].astype(np.float32), len(sentences), axis=0)
   return Preprocessed(images, tokens, tuple(image.shape[:2]), tuple(resized_hw), tuple(top_left))
 

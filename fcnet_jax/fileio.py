@@ -20,7 +20,10 @@ PathLike = Union[str, epath.PathLike]
 
 def as_path(path: PathLike, *parts: str) -> epath.Path:
   """`path` (joined with `parts`) as a path that may be local or remote (gs://…)."""
-  return epath.Path(path, *parts)
+  try:
+    return epath.Path(path, *parts)
+  except KeyError as e:  # etils' registry of URL schemes: "https://…" and the like.
+    raise ValueError(f"{path}: unsupported path scheme {e}; use a local path or a gs:// (cloud storage) path") from None
 
 
 @contextlib.contextmanager

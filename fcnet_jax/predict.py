@@ -115,9 +115,13 @@ def _decode_jpeg_as_tensorflow(data: bytes, image: Image.Image) -> Optional[Imag
 
 
 def _open(path: Union[str, os.PathLike]) -> Image.Image:
+  if not os.fspath(path).strip():
+    raise ValueError("the image path is empty")
   file = fileio.as_path(path)
   if not file.exists():
     raise FileNotFoundError(f"{path}: no such image file")
+  if file.is_dir():
+    raise ValueError(f"{path}: is a directory, not an image file")
   data = file.read_bytes()
   try:
     with warnings.catch_warnings():
@@ -140,9 +144,23 @@ def _open(path: Union[str, os.PathLike]) -> Image.Image:
 
 def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
   """uint8 H×W×3 of any PIL mode: 16 bits cut to their high byte (PIL's and libpng's 16 → 8 for RGB; TensorFlow
-  strips the same way), alpha dropped (as TensorFlow's decoder), CMYK and palettes converted by PIL."""
-  if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: the high byte, as PIL does for RGB.
-    grey = (np.clip(np.asarray(image, np.int64), 0, 65535) >> 8).astype(np.uint8)
+  strips the same way), alpha dropped (as TensorFlow's decoder), CMYK and palettes converted by PIL.
+
+  PIL's 32-bit integer mode "I" has no fixed depth (an int32 array, `convert("I")`, a 32-bit TIFF): values within
+  0…255 are 8-bit grey as they are (PIL's own reading), values up to 65535 are 16-bit, anything else is refused.
+  """
+  if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: the high byte, as PIL does for RGB.
+    grey = (np.asarray(image, np.int64) >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+  if image.mode == "I":
+    values = np.asarray(image, np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > 65535:
+      raise ValueError(
+        f"{name}: a 32-bit integer image (PIL mode I) with values in [{low}, {high}] has no 8- or 16-bit reading; "
+        "save it as 8-bit RGB"
+      )
+    grey = (values if high <= 255 else values >> 8).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
   if image.mode == "F":
     raise ValueError(f"{name}: floating-point images (PIL mode F) are not supported; save it as 8-bit RGB")
@@ -161,7 +179,8 @@ def load_image(image: ImageLike) -> np.ndarray:
 
   Raises:
     FileNotFoundError: the path does not exist.
-    ValueError: unreadable or corrupt file, unsupported array, or larger than `MAX_SIDE` / `MAX_PIXELS`.
+    ValueError: an empty path, a directory, a URL scheme other than gs://, an unreadable or corrupt file, an
+      unsupported array or PIL mode, or larger than `MAX_SIDE` / `MAX_PIXELS`.
     TypeError: not one of the accepted kinds.
   """
   name = _name(image)
@@ -182,6 +201,42 @@ def load_image(image: ImageLike) -> np.ndarray:
   if image.shape[2] == 1:
     image = np.repeat(image, 3, axis=2)
   return np.ascontiguousarray(image[..., :3])
+
+
+def tokenize_sentences(
+  sentences: Union[str, Sequence[str]], context_length: int, *, stacklevel: int = 2
+) -> Tuple[List[str], np.ndarray, List[bool]]:
+  """(sentences, N×L int32 tokens, truncated flags) as training tokenizes them; warns about truncated sentences.
+
+  A sentence with no token once cleaned as CLIP cleans text (empty, blank, "&nbsp;", control characters) is an
+  error: the model would segment for [SOS][EOS] alone.
+  """
+  if isinstance(sentences, str):
+    sentences = [sentences]
+  elif isinstance(sentences, (bytes, bytearray)):
+    raise TypeError("sentences must be a str or a list of str, got bytes: decode them first")
+  elif isinstance(sentences, np.ndarray) and sentences.ndim == 0:
+    sentences = [sentences.item()]
+  sentences = list(sentences)
+  if not sentences:
+    raise ValueError("no sentence given: pass a string or a non-empty list of strings")
+  for i, sentence in enumerate(sentences):
+    if not isinstance(sentence, str):
+      raise TypeError(f"sentences[{i}] must be a str, got {type(sentence).__name__}: {sentence!r:.80}")
+  capacity = context_length - 2  # [SOS] … [EOS].
+  lengths = [len(ids) for ids in tokenizer.encode_batch(sentences)]
+  for i, (sentence, n) in enumerate(zip(sentences, lengths)):
+    if n == 0:
+      raise ValueError(f"sentences[{i}] is empty (no word once cleaned as CLIP cleans text): {sentence!r:.80}")
+  truncated = [n > capacity for n in lengths]
+  for sentence, n, cut in zip(sentences, lengths, truncated):
+    if cut:
+      warnings.warn(
+        f"sentence {sentence!r:.120} has {n} tokens, more than the {capacity} the model reads (context length "
+        f"{context_length}); it is truncated to its first {capacity} tokens, as in training",
+        stacklevel=stacklevel + 1,
+      )
+  return sentences, tokenizer.tokenize(sentences, context_length), truncated
 
 
 def canvas_bucket(height: int, width: int) -> int:
@@ -316,27 +371,7 @@ class Predictor:
 
   def tokenize(self, sentences: Union[str, Sequence[str]]) -> Tuple[List[str], np.ndarray, List[bool]]:
     """(sentences, N×L int32 tokens, truncated flags) as training tokenizes; warns about truncated sentences."""
-    if isinstance(sentences, str):
-      sentences = [sentences]
-    sentences = list(sentences)
-    if not sentences:
-      raise ValueError("no sentence given: pass a string or a non-empty list of strings")
-    for i, sentence in enumerate(sentences):
-      if not isinstance(sentence, str):
-        raise TypeError(f"sentences[{i}] must be a str, got {type(sentence).__name__}: {sentence!r:.80}")
-      if not sentence.strip():
-        raise ValueError(f"sentences[{i}] is empty: {sentence!r}")
-    capacity = self.context_length - 2  # [SOS] … [EOS].
-    lengths = [len(ids) for ids in tokenizer.encode_batch(sentences)]
-    truncated = [n > capacity for n in lengths]
-    for sentence, n, cut in zip(sentences, lengths, truncated):
-      if cut:
-        warnings.warn(
-          f"sentence {sentence!r:.120} has {n} tokens, more than the {capacity} the model reads (context length "
-          f"{self.context_length}); it is truncated to its first {capacity} tokens, as in training",
-          stacklevel=3,
-        )
-    return sentences, tokenizer.tokenize(sentences, self.context_length), truncated
+    return tokenize_sentences(sentences, self.context_length, stacklevel=3)
 
   def __call__(
     self, image: ImageLike, sentences: Union[str, Sequence[str]], *, threshold: Optional[float] = None

@@ -169,6 +169,8 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = DEFAULT_CON
     raise ValueError(
       f"fcnet_jax.tokenizer.tokenize: context_length must be >= 2 to hold [SOS] and [EOS], got {context_length}"
     )
+  if isinstance(texts, np.ndarray) and texts.ndim == 0:  # np.array("a dog"): one sentence.
+    texts = [texts.item()]
   if isinstance(texts, str):
     texts = [texts]
   elif isinstance(texts, bytes) or not isinstance(texts, (Sequence, np.ndarray)):

@@ -107,6 +107,10 @@ def test_preprocess_matches_the_letterbox_and_tokenizer(loaded):
   np.testing.assert_array_equal(prepared.image[1], prepared.image[0])
   np.testing.assert_array_equal(prepared.tokens, tokenizer.tokenize(["a dog", "the cat on the right"], length))
   assert (prepared.original_hw, prepared.resized_hw, prepared.top_left) == ((30, 70), resized_hw, top_left)
+  # The Predictor's sentence checks: nothing to segment for is an error, not a mask for [SOS][EOS].
+  for blank in ("", "&nbsp;"):
+    with pytest.raises(ValueError, match=r"sentences\[1\] is empty"):
+      export.preprocess(image, ["a dog", blank], loaded.config)
 
 
 @pytest.mark.parametrize("fmt", ["stablehlo", "savedmodel", "onnx"])

@@ -217,6 +217,13 @@ def test_image_kinds(tmp_path):
   np.testing.assert_array_equal(predict.load_image(str(tmp_path / "rgb16.png")), (deep >> 8).astype(np.uint8))
   np.testing.assert_array_equal(predict.load_image(grey), np.repeat(grey[..., None], 3, 2))
   np.testing.assert_array_equal(predict.load_image(rgba), pixels)
+  # PIL's 32-bit mode "I": 8-bit values as they are (e.g. `convert("I")` of a grey image), 16-bit ones' high byte.
+  np.testing.assert_array_equal(predict.load_image(Image.fromarray(grey).convert("I"))[..., 2], grey)
+  deep_i = Image.fromarray(deep[..., 0].astype(np.int32))
+  assert deep_i.mode == "I" and deep[..., 0].max() > 255
+  np.testing.assert_array_equal(predict.load_image(deep_i)[..., 0], deep[..., 0] >> 8)
+  with pytest.raises(ValueError, match=r"mode I\) with values in \[-1, 255\]"):
+    predict.load_image(Image.fromarray(np.array([[-1, 255]], np.int32)))
   # CMYK JPEG: pure cyan ink is (0, 255, 255) in RGB, up to JPEG's error.
   cmyk = Image.new("CMYK", (20, 10), (255, 0, 0, 0))
   cmyk.save(tmp_path / "cmyk.jpg", quality=95)
@@ -227,6 +234,12 @@ def test_image_kinds(tmp_path):
 def test_bad_inputs_name_what_is_wrong(tmp_path, monkeypatch, predictor):
   with pytest.raises(FileNotFoundError, match="missing.jpg"):
     predict.load_image(str(tmp_path / "missing.jpg"))
+  with pytest.raises(ValueError, match="image path is empty"):
+    predict.load_image("")
+  with pytest.raises(ValueError, match=f"{tmp_path}: is a directory"):
+    predict.load_image(str(tmp_path))
+  with pytest.raises(ValueError, match=r"https://example.com/cat.jpg: unsupported path scheme 'https://'"):
+    predict.load_image("https://example.com/cat.jpg")
   (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
   with pytest.raises(ValueError, match="broken.jpg.*not an image"):
     predict.load_image(str(tmp_path / "broken.jpg"))
@@ -246,6 +259,12 @@ def test_bad_inputs_name_what_is_wrong(tmp_path, monkeypatch, predictor):
     predict.load_image(np.zeros((8, 8, 3), np.float32))
   with pytest.raises(ValueError, match=r"sentences\[1\] is empty"):
     predictor(np.zeros((8, 8, 3), np.uint8), ["the dog", "  "])
+  # Text CLIP's cleaning empties (an HTML space, control characters): no word left, so an error too.
+  for blank in ("&nbsp;", "\x00", "\x01\x02"):
+    with pytest.raises(ValueError, match=r"sentences\[0\] is empty \(no word once cleaned"):
+      predictor(np.zeros((8, 8, 3), np.uint8), blank)
+  with pytest.raises(TypeError, match="got bytes: decode them first"):
+    predictor(np.zeros((8, 8, 3), np.uint8), b"the dog")
   with pytest.raises(ValueError, match="no sentence"):
     predictor(np.zeros((8, 8, 3), np.uint8), [])
 

@@ -236,6 +236,10 @@ def test_bad_input():
     tokenizer.tokenize(b"a cat")
   with pytest.raises(TypeError, match="str or a sequence"):
     tokenizer.tokenize(42)
+  # A 0-d NumPy string array is one sentence (it was iterated and failed); a 0-d number is still refused.
+  np.testing.assert_array_equal(tokenizer.tokenize(np.array("a cat"), 17), tokenizer.tokenize("a cat", 17))
+  with pytest.raises(TypeError, match=r"texts\[0\] must be a str"):
+    tokenizer.tokenize(np.array(3))
   with pytest.raises(TypeError, match="text must be a str"):
     tokenizer.encode(3)
   with pytest.raises(ValueError, match="outside CLIP's vocabulary"):
